@@ -1,0 +1,23 @@
+"""Helpers shared by the command modules: loading config, printing for people and scripts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from agent.config import AgentConfig, load_config
+
+
+def config_from(args: argparse.Namespace) -> AgentConfig:
+    return load_config(getattr(args, "config", None))
+
+
+def add_json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
+
+
+def print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, sort_keys=True, default=str)
+    sys.stdout.write("\n")

@@ -1,0 +1,27 @@
+"""Shared fixtures. Each test area may add its own fixtures module beside its tests."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+VECTORS = SHARED / "protocol" / "vectors-v1.json"
+DELIVERY_VECTOR = SHARED / "protocol" / "delivery-v1.json"
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> Callable[[str], Path]:
+    """Write an agent.toml whose data_dir is inside tmp_path; return its path."""
+
+    def write(body: str = "") -> Path:
+        data = tmp_path / "data"
+        text = f'[paths]\ndata_dir = "{data}"\n\n' + textwrap.dedent(body)
+        path = tmp_path / "agent.toml"
+        path.write_text(text)
+        return path
+
+    return write

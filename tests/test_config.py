@@ -1,0 +1,100 @@
+"""The configuration file: a resident's typo must be caught, named and explained."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.config import ConfigError, load_config
+
+POLICY = """
+[policy]
+program = "jackson-ms/camera-pilot-2026"
+location = { lat = 32.29876, lon = -90.18481 }
+timezone = "America/Chicago"
+
+[policy.consent]
+start = 2026-11-20T00:00:00Z
+end = 2027-01-04T00:00:00Z
+schedule = [ { days = ["thu"], from = "22:00", to = "03:00" } ]
+"""
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_valid_config_loads_with_policy(write_config) -> None:
+    cfg = load_config(write_config(POLICY))
+    pol = cfg.require_policy()
+    assert pol.program == "jackson-ms/camera-pilot-2026"
+    assert pol.consent.schedule[0].from_ == "22:00"
+    assert pol.consent.start.tzinfo is not None
+    assert cfg.mqtt is None
+
+
+def test_missing_file_is_an_error_not_defaults(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_unknown_key_is_named(write_config) -> None:
+    path = write_config(POLICY.replace("[policy]\n", "[policy]\nrequire_warant = true\n"))
+    with pytest.raises(ConfigError, match=r"policy\.require_warant: unknown setting"):
+        load_config(path)
+
+
+def test_bad_value_names_key_value_and_range(write_config) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write_config("[camera]\nfps = 120\n"))
+    assert "camera.fps = 120" in str(err.value)
+    assert "less than or equal to 60" in str(err.value)
+
+
+def test_bad_timezone_and_schedule_time(write_config) -> None:
+    body = POLICY.replace("America/Chicago", "Mars/Olympus").replace('"03:00"', '"25:00"')
+    with pytest.raises(ConfigError) as err:
+        load_config(write_config(body))
+    text = str(err.value)
+    assert "Mars/Olympus" in text and "IANA" in text
+    assert "25:00" in text and "HH:MM" in text
+
+
+def test_environment_overrides_file(write_config, monkeypatch) -> None:
+    path = write_config("[camera]\nfps = 10\n")
+    monkeypatch.setenv("DOORBELL_AGENT_CAMERA__FPS", "5")
+    assert load_config(path).camera.fps == 5
+    monkeypatch.setenv("DOORBELL_AGENT_CAMERA__FPS", "fast")
+    with pytest.raises(ConfigError, match="DOORBELL_AGENT_CAMERA__FPS"):
+        load_config(path)
+
+
+def test_plaintext_mqtt_needs_explicit_consent(write_config) -> None:
+    with pytest.raises(ConfigError, match="allow_plaintext"):
+        load_config(write_config('[mqtt]\nhost = "b"\ntls = false\n'))
+    cfg = load_config(write_config('[mqtt]\nhost = "b"\ntls = false\nallow_plaintext = true\n'))
+    assert cfg.require_mqtt().tls is False
+
+
+def test_invalid_toml_syntax_is_reported(write_config) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write_config("[camera\n"))
+
+
+def test_config_check_command(write_config) -> None:
+    good = run_cli("--config", str(write_config(POLICY)), "config", "check")
+    assert good.returncode == 0, good.stderr
+    assert "configuration is valid" in good.stdout
+    bad = run_cli("--config", str(write_config("[camera]\nsource = \"webcam\"\n")), "config", "check")
+    assert bad.returncode == 2
+    assert "camera.source = 'webcam'" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_example_config_is_valid(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parents[1] / "agent" / "example-agent.toml"
+    cfg = load_config(example)
+    assert cfg.camera.source == "v4l2"
