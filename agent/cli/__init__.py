@@ -19,7 +19,9 @@ from agent.errors import UserError
 COMMAND_MODULES = (
     "agent.cli.config_cmd",
     "agent.cli.record",
+    "agent.cli.clip_cmd",
     "agent.cli.policy",
+    "agent.cli.conformance_cmd",
     "agent.cli.wire",
 )
 

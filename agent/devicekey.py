@@ -1,0 +1,113 @@
+"""The device's own Ed25519 identity: signs delivery manifests and log checkpoints.
+
+Made once at first start and kept in a 0600 PEM file. Its RFC 7638
+thumbprint is the ``kid`` agencies see in manifests, so it must never change
+silently: a key file that exists but cannot be read is an error, never a
+reason to mint a new identity.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from agent.errors import UserError
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    """Strict unpadded base64url (the JOSE form); raises ValueError on anything else."""
+    if not isinstance(text, str) or "=" in text or len(text) % 4 == 1:
+        raise ValueError("not unpadded base64url")
+    if not all(c.isascii() and (c.isalnum() or c in "-_") for c in text):
+        raise ValueError("characters outside the base64url alphabet")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def jwk_thumbprint(jwk: dict[str, str]) -> str:
+    """RFC 7638 thumbprint (SHA-256) of an OKP public JWK."""
+    canonical = json.dumps({"crv": jwk["crv"], "kty": jwk["kty"], "x": jwk["x"]}, separators=(",", ":"), sort_keys=True)
+    return b64url(hashlib.sha256(canonical.encode("ascii")).digest())
+
+
+class DeviceKeyError(UserError):
+    pass
+
+
+@dataclass(frozen=True)
+class DeviceKey:
+    private: Ed25519PrivateKey
+
+    @property
+    def public(self) -> Ed25519PublicKey:
+        return self.private.public_key()
+
+    def public_jwk(self) -> dict[str, str]:
+        raw = self.public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return {"kty": "OKP", "crv": "Ed25519", "x": b64url(raw)}
+
+    @property
+    def kid(self) -> str:
+        return jwk_thumbprint(self.public_jwk())
+
+    def sign(self, data: bytes) -> bytes:
+        return self.private.sign(data)
+
+    @classmethod
+    def generate(cls) -> DeviceKey:
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_jwk(cls, jwk: dict[str, str]) -> DeviceKey:
+        """For tests and the published delivery vector's device key."""
+        return cls(Ed25519PrivateKey.from_private_bytes(b64url_decode(jwk["d"])))
+
+    @classmethod
+    def load(cls, path: Path) -> DeviceKey:
+        try:
+            data = path.read_bytes()
+            key = serialization.load_pem_private_key(data, password=None)
+        except FileNotFoundError:
+            raise DeviceKeyError(f"device key {path} does not exist; start the agent once to create it") from None
+        except (OSError, ValueError, TypeError) as exc:
+            raise DeviceKeyError(
+                f"device key {path} cannot be read ({exc}); nothing will be signed or shared until it is restored"
+            ) from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise DeviceKeyError(f"device key {path} is not an Ed25519 key")
+        return cls(key)
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> DeviceKey:
+        """Load the key, or make it if (and only if) no file exists yet."""
+        if path.exists():
+            return cls.load(path)
+        key = cls.generate()
+        pem = key.private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, pem)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)  # fails if another process created it meanwhile: keep theirs
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+        return cls.load(path)

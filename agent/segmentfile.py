@@ -1,0 +1,198 @@
+"""One segment of the rolling buffer: a short MP4 written safely.
+
+File format (the contract between the recorder, the index and the clip cutter):
+
+- One H.264 video stream, time base 1/1,000,000, no B-frames, starting with a
+  keyframe. A packet's pts is its frame's capture time minus the segment's
+  ``start_us`` (the first frame's capture time), in microseconds. So the
+  capture time of any frame is ``start_us + pts``: exact, and independent of
+  frame-rate jitter.
+- Written as ``<name>.mp4.part``, then fsynced, renamed to ``<name>.mp4`` and
+  the directory fsynced. A ``.part`` file is by definition unfinished.
+- Nothing rewrites a finished segment (SD cards wear with every write).
+
+Raw frames are encoded here, one encoder per segment: every segment then
+starts with an IDR and carries its own parameter sets, so any segment plays
+alone and a clip can copy whole segments' packets without re-encoding.
+Already-encoded packets (RTSP, files) are copied with their source's codec
+parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import av
+import cv2
+
+from agent.capture import EncodedPacket, Frame
+
+if TYPE_CHECKING:
+    from av.video.stream import VideoStream
+
+TIME_BASE = Fraction(1, 1_000_000)
+PART_SUFFIX = ".part"
+
+
+@dataclass(frozen=True)
+class EncoderSettings:
+    codec: Literal["libx264", "h264_v4l2m2m"]
+    width: int
+    height: int
+    fps: float
+    keyframe_interval_s: float = 1.0
+
+    @property
+    def frame_us(self) -> int:
+        return round(1_000_000 / self.fps)
+
+
+def pick_codec(requested: str) -> Literal["libx264", "h264_v4l2m2m"]:
+    """``auto``: the Pi 4's hardware encoder where its device node exists, else libx264.
+
+    The Pi 5 has no hardware H.264 encoder, so it takes libx264 like any PC.
+    """
+    if requested == "libx264" or requested == "h264_v4l2m2m":
+        return requested  # type: ignore[return-value]
+    if Path("/dev/video11").exists() and "h264_v4l2m2m" in av.codecs_available:
+        return "h264_v4l2m2m"
+    return "libx264"
+
+
+@dataclass(frozen=True)
+class SegmentFileInfo:
+    path: Path
+    start_us: int
+    end_us: int
+    frames: int
+    bytes: int
+    sha256: str
+    keyframes: int
+
+
+def open_encoder_stream(container: av.container.OutputContainer, s: EncoderSettings) -> VideoStream:
+    """Add an H.264 encoding stream to ``container`` with the buffer's settings."""
+    stream = container.add_stream(s.codec, rate=Fraction(s.fps).limit_denominator(1001))
+    stream.width, stream.height, stream.pix_fmt = s.width, s.height, "yuv420p"
+    stream.time_base = TIME_BASE
+    stream.codec_context.time_base = TIME_BASE
+    gop = max(1, int(s.fps * s.keyframe_interval_s))
+    stream.codec_context.gop_size = gop
+    if s.codec == "libx264":
+        stream.options = {
+            "preset": "ultrafast",
+            "tune": "zerolatency",
+            "x264-params": f"keyint={gop}:min-keyint=1:scenecut=0:bframes=0",
+        }
+    else:
+        stream.codec_context.bit_rate = 4_000_000
+    return stream
+
+
+class SegmentFile:
+    """Writes one segment; ``finish()`` makes it durable and visible, ``abort()`` removes it."""
+
+    def __init__(self, final_path: Path, *, settings: EncoderSettings | None = None,
+                 template: VideoStream | None = None, frame_us: int | None = None) -> None:
+        if (settings is None) == (template is None):
+            raise ValueError("give encoder settings (raw frames) or a template stream (stream copy)")
+        self.final_path = final_path
+        self.part_path = final_path.with_name(final_path.name + PART_SUFFIX)
+        final_path.parent.mkdir(parents=True, exist_ok=True)
+        self._container = av.open(str(self.part_path), "w", format="mp4")
+        if settings is not None:
+            self._stream = open_encoder_stream(self._container, settings)
+            self._frame_us = settings.frame_us
+            self._keyframe_us = int(settings.keyframe_interval_s * 1_000_000)
+        else:
+            assert template is not None
+            self._stream = self._container.add_stream_from_template(template)
+            self._stream.time_base = TIME_BASE
+            self._frame_us = frame_us or 66_667
+            self._keyframe_us = 0
+        self.start_us: int | None = None
+        self.last_us: int | None = None
+        self.frames = 0
+        self.keyframes = 0
+        self._last_key_us: int | None = None
+
+    @property
+    def duration_us(self) -> int:
+        if self.start_us is None or self.last_us is None:
+            return 0
+        return self.last_us - self.start_us + self._frame_us
+
+    def add_frame(self, frame: Frame) -> None:
+        """Encode one raw frame (already masked)."""
+        if self.start_us is None:
+            self.start_us = frame.capture_us
+        yuv = cv2.cvtColor(frame.image, cv2.COLOR_BGR2YUV_I420)
+        vf = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
+        vf.pts = frame.capture_us - self.start_us
+        vf.time_base = TIME_BASE
+        # Keyframes at least every keyframe_interval_s of capture time, whatever the frame rate does.
+        if self._last_key_us is None or frame.capture_us - self._last_key_us >= self._keyframe_us - self._frame_us // 2:
+            vf.pict_type = av.video.frame.PictureType.I
+            self._last_key_us = frame.capture_us
+        for pkt in self._stream.encode(vf):
+            self._mux(pkt)
+        self.last_us = frame.capture_us
+
+    def add_packet(self, item: EncodedPacket) -> None:
+        """Store one already-encoded packet as it is (stream copy)."""
+        if self.start_us is None:
+            if not item.keyframe:
+                raise ValueError("a segment must start with a keyframe")
+            self.start_us = item.capture_us
+        pkt = item.packet
+        pkt.stream = self._stream
+        pkt.time_base = TIME_BASE
+        pkt.pts = pkt.dts = item.capture_us - self.start_us
+        self._mux(pkt)
+        self.last_us = item.capture_us
+
+    def _mux(self, pkt: av.Packet) -> None:
+        if pkt.is_keyframe:
+            self.keyframes += 1
+        self.frames += 1
+        self._container.mux(pkt)
+
+    def finish(self) -> SegmentFileInfo | None:
+        """Flush, sync, rename. Returns None (and leaves no file) if no frame was written."""
+        if self._keyframe_us:  # encoder path: drain it
+            for pkt in self._stream.encode(None):
+                self._mux(pkt)
+        self._container.close()
+        if self.frames == 0 or self.start_us is None or self.last_us is None:
+            self.part_path.unlink(missing_ok=True)
+            return None
+        digest = hashlib.sha256()
+        with open(self.part_path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+            os.fsync(fh.fileno())
+            size = fh.tell()
+        os.replace(self.part_path, self.final_path)
+        fsync_dir(self.final_path.parent)
+        return SegmentFileInfo(self.final_path, self.start_us, self.last_us + self._frame_us,
+                               self.frames, size, digest.hexdigest(), self.keyframes)
+
+    def abort(self) -> None:
+        try:
+            self._container.close()
+        except Exception:  # noqa: BLE001 - the file is being thrown away
+            pass
+        self.part_path.unlink(missing_ok=True)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
