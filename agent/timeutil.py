@@ -15,12 +15,12 @@ from datetime import datetime, timedelta, timezone, tzinfo
 from agent.errors import UserError
 
 UTC = timezone.utc
-_RFC3339_Z = re.compile(r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?Z$")
+_RFC3339_Z = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?Z", re.ASCII)
 
 
 def parse_utc_z(text: str) -> datetime:
     """Parse the protocol's RFC 3339 UTC form; raise ``ValueError`` for anything else."""
-    m = _RFC3339_Z.match(text) if isinstance(text, str) else None
+    m = _RFC3339_Z.fullmatch(text) if isinstance(text, str) else None
     if not m:
         raise ValueError(f"{text!r} is not an RFC 3339 UTC time ending in Z")
     y, mo, d, h, mi, s = (int(g) for g in m.groups()[:6])

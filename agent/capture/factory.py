@@ -1,0 +1,47 @@
+"""The one place that turns ``[camera]`` settings into a :class:`~agent.capture.Source`.
+
+With a privacy mask set, every source is asked for raw frames (RTSP and
+files are decoded, the Pi camera skips its hardware encoder): masked pixels
+are blacked out before anything is encoded, so they never reach storage.
+Making that choice here means no caller can forget it.
+"""
+
+from __future__ import annotations
+
+from agent.capture import Source
+from agent.config import CameraConfig
+from agent.errors import UserError
+
+
+def make_source(camera: CameraConfig, *, realtime: bool = True) -> Source:
+    """A source for ``camera``; ``realtime=False`` lets synthetic and file sources run as fast as they can."""
+    raw = bool(camera.masks)
+    if camera.source == "synthetic":
+        from agent.capture.synthetic import SyntheticSource
+
+        return SyntheticSource(camera.width, camera.height, camera.fps, realtime=realtime)
+    if camera.source == "v4l2":
+        from agent.capture.v4l2 import V4L2Source
+
+        return V4L2Source(camera.device, camera.width, camera.height, camera.fps)
+    if camera.source in ("rtsp", "file"):
+        from agent.capture.stream import StreamSource
+
+        if not camera.url:
+            raise UserError(f"camera.source = {camera.source!r} needs camera.url (an rtsp:// address or a file path)")
+        live = camera.source == "rtsp"
+        if live and not camera.url.lower().startswith(("rtsp://", "rtsps://")):
+            raise UserError(f"camera.url for an RTSP camera must start with rtsp://, got {camera.url.split('@')[-1]!r}")
+        return StreamSource(camera.url, live=live, raw=raw, realtime=realtime or live, start_at="now")
+    if camera.source == "picamera2":
+        from agent.capture.picamera2 import Picamera2Source, picamera2_available
+
+        if not picamera2_available():
+            raise UserError(
+                "camera.source = 'picamera2' needs the picamera2 library, which is not installed here. "
+                "On the Raspberry Pi run `sudo apt install python3-picamera2` and make the agent's venv "
+                "with --system-site-packages so it can see it; on other machines use source = 'v4l2' or 'rtsp'."
+            )
+        return Picamera2Source(camera.width, camera.height, camera.fps,
+                               keyframe_interval_s=camera.keyframe_interval_s, raw=raw)
+    raise UserError(f"camera.source = {camera.source!r} is not a known camera type")  # pragma: no cover - config validates

@@ -1,0 +1,298 @@
+"""The resident's trust store (PROTOCOL.md section 1): which keys may sign requests.
+
+It is a JWK Set of Ed25519 public keys, each tagged with the agency it speaks
+for (``iss``) and its ``role`` (``requester`` or ``oversight``), optionally
+with a validity period and a ``revoked`` flag. The file is public-key material
+only; a private key (``d``) is refused so that it never sits where it need not.
+
+Everything is checked on load. A store that cannot be read or does not
+validate raises :class:`TrustStoreError`: the caller must then share nothing
+(fail closed), never fall back to an empty or partial store silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from agent.errors import UserError
+from agent.jws import JwsError, b64url_decode, strict_json
+
+ROLES = ("requester", "oversight")
+_ISS = re.compile(r"[a-z0-9._-]{1,64}")
+_KID = re.compile(r"[\x21-\x7e]{1,256}")  # printable ASCII without space: safe to show and to log
+_MEMBERS = frozenset({"kty", "crv", "x", "kid", "iss", "role", "nbf", "exp", "revoked", "use", "alg"})
+_REQUIRED = ("kty", "crv", "x", "kid", "iss", "role")
+
+
+class TrustStoreError(UserError):
+    """The trust store is missing, unreadable or invalid; nothing may be shared until it is fixed."""
+
+
+@dataclass(frozen=True, slots=True)
+class TrustedKey:
+    kid: str
+    iss: str
+    role: Literal["requester", "oversight"]
+    x: str
+    nbf: int | None = None
+    exp: int | None = None
+    revoked: bool = False
+    use: str | None = None
+    alg: str | None = None
+    public_key: Ed25519PublicKey = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.public_key is None:
+            object.__setattr__(self, "public_key", Ed25519PublicKey.from_public_bytes(b64url_decode(self.x, "x")))
+
+    def valid_at(self, now: datetime) -> bool:
+        """Not revoked, and ``nbf <= now < exp`` (JWT semantics for the period's ends)."""
+        if self.revoked:
+            return False
+        t = now.timestamp()
+        return (self.nbf is None or t >= self.nbf) and (self.exp is None or t < self.exp)
+
+    def to_jwk(self) -> dict[str, Any]:
+        jwk: dict[str, Any] = {"kty": "OKP", "crv": "Ed25519", "x": self.x, "kid": self.kid}
+        if self.use is not None:
+            jwk["use"] = self.use
+        if self.alg is not None:
+            jwk["alg"] = self.alg
+        jwk["iss"] = self.iss
+        jwk["role"] = self.role
+        if self.nbf is not None:
+            jwk["nbf"] = self.nbf
+        if self.exp is not None:
+            jwk["exp"] = self.exp
+        if self.revoked:
+            jwk["revoked"] = True
+        return jwk
+
+    @classmethod
+    def from_jwk(cls, jwk: Any, where: str = "key") -> TrustedKey:
+        """One JWK, checked member by member; errors name ``where`` and the member."""
+        if not isinstance(jwk, dict):
+            raise TrustStoreError(f"{where} is not a JSON object")
+        kid = jwk.get("kid")
+        if isinstance(kid, str):
+            where = f"{where} (kid {kid!r})"
+        if "d" in jwk:
+            raise TrustStoreError(f"{where} contains a private key ('d'); import the agency's public key only")
+        unknown = sorted(jwk.keys() - _MEMBERS)
+        if unknown:
+            raise TrustStoreError(f"{where} has unknown member(s) {unknown}; a trust-store key has only {sorted(_MEMBERS)}")
+        for name in _REQUIRED:
+            if name not in jwk:
+                raise TrustStoreError(f"{where} has no {name!r}")
+        if jwk["kty"] != "OKP" or jwk["crv"] != "Ed25519":
+            raise TrustStoreError(f"{where}: kty/crv must be OKP/Ed25519, not {jwk['kty']!r}/{jwk['crv']!r}")
+        if not isinstance(kid, str) or not _KID.fullmatch(kid):
+            raise TrustStoreError(f"{where}: kid must be 1..256 printable ASCII characters without spaces")
+        iss = jwk["iss"]
+        if not isinstance(iss, str) or not _ISS.fullmatch(iss):
+            raise TrustStoreError(f"{where}: iss {iss!r} must be 1..64 of a-z 0-9 . _ -")
+        role = jwk["role"]
+        if role not in ROLES or not isinstance(role, str):
+            raise TrustStoreError(f"{where}: role {role!r} must be 'requester' or 'oversight'")
+        x = jwk["x"]
+        try:
+            raw = b64url_decode(x, "x") if isinstance(x, str) else b""
+        except JwsError:
+            raw = b""
+        if len(raw) != 32:
+            raise TrustStoreError(f"{where}: x must be a 32-byte Ed25519 public key in unpadded base64url")
+        period: dict[str, int | None] = {}
+        for name in ("nbf", "exp"):
+            v = jwk.get(name)
+            if v is not None and (type(v) is not int or v < 0):
+                raise TrustStoreError(f"{where}: {name} must be whole seconds since the epoch, not {v!r}")
+            period[name] = v
+        if period["nbf"] is not None and period["exp"] is not None and period["nbf"] >= period["exp"]:
+            raise TrustStoreError(f"{where}: nbf must be before exp")
+        revoked = jwk.get("revoked", False)
+        if type(revoked) is not bool:
+            raise TrustStoreError(f"{where}: revoked must be true or false, not {revoked!r}")
+        use = jwk.get("use")
+        if use is not None and use != "sig":
+            raise TrustStoreError(f"{where}: use must be 'sig' for a signing key, not {use!r}")
+        alg = jwk.get("alg")
+        if alg is not None and alg not in ("Ed25519", "EdDSA"):
+            raise TrustStoreError(f"{where}: alg must be Ed25519 or EdDSA, not {alg!r}")
+        try:
+            public_key = Ed25519PublicKey.from_public_bytes(raw)
+        except ValueError:
+            raise TrustStoreError(f"{where}: x is not an Ed25519 public key") from None
+        return cls(
+            kid=kid, iss=iss, role=role, x=x, nbf=period["nbf"], exp=period["exp"], revoked=revoked,
+            use=use, alg=alg, public_key=public_key,
+        )  # fmt: skip
+
+
+class TrustStore:
+    """The keys the resident trusts, by kid. Mutated only through :meth:`add` and :meth:`revoke`."""
+
+    def __init__(self, keys: Iterable[TrustedKey] = ()) -> None:
+        self._keys: dict[str, TrustedKey] = {}
+        for key in keys:
+            self._insert(key, f"key {key.kid!r}")
+
+    def _insert(self, key: TrustedKey, where: str) -> None:
+        if key.kid in self._keys:
+            raise TrustStoreError(f"{where}: kid {key.kid!r} appears twice; every kid must be unique")
+        for other in self._keys.values():
+            if other.x == key.x:
+                raise TrustStoreError(
+                    f"{where}: the same public key is already listed as kid {other.kid!r}; "
+                    "one key must speak for one agency in one role"
+                )
+        self._keys[key.kid] = key
+
+    # --- reading ---
+
+    def get(self, kid: str) -> TrustedKey | None:
+        return self._keys.get(kid)
+
+    def public_key(self, kid: str) -> Ed25519PublicKey | None:
+        """For :func:`agent.jws.verify_signatures`: the key named by a header, revoked or not.
+
+        A revoked or out-of-period key still verifies cryptographically here;
+        the decision procedure refuses it at its own step (``key_not_valid``).
+        """
+        key = self._keys.get(kid)
+        return key.public_key if key is not None else None
+
+    def __iter__(self) -> Iterator[TrustedKey]:
+        return iter(self._keys.values())
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, kid: object) -> bool:
+        return kid in self._keys
+
+    def to_jwks(self) -> dict[str, Any]:
+        return {"keys": [k.to_jwk() for k in self._keys.values()]}
+
+    # --- building ---
+
+    @classmethod
+    def from_jwks(cls, obj: Any) -> TrustStore:
+        """A JWK Set object (``{"keys": [...]}``), checked strictly."""
+        if not isinstance(obj, dict) or "keys" not in obj:
+            raise TrustStoreError("a trust store is a JWK Set: a JSON object with a 'keys' list")
+        if obj.keys() != {"keys"}:
+            raise TrustStoreError(f"the JWK Set has unknown member(s) {sorted(obj.keys() - {'keys'})}; only 'keys' is allowed")
+        if not isinstance(obj["keys"], list):
+            raise TrustStoreError("the JWK Set's 'keys' must be a list")
+        store = cls()
+        for i, jwk in enumerate(obj["keys"]):
+            key = TrustedKey.from_jwk(jwk, f"key {i}")
+            store._insert(key, f"key {i} (kid {key.kid!r})")
+        return store
+
+    @classmethod
+    def from_json(cls, text: str | bytes, source: str = "trust store") -> TrustStore:
+        try:
+            obj = strict_json(text, source)
+        except JwsError as exc:
+            raise TrustStoreError(f"{source} is not valid JSON: {exc}") from None
+        try:
+            return cls.from_jwks(obj)
+        except TrustStoreError as exc:
+            raise TrustStoreError(f"{source}: {exc}") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, missing_ok: bool = False) -> TrustStore:
+        """Read the store; ``missing_ok`` gives an empty store (trusting nobody) for a missing file."""
+        p = Path(path)
+        try:
+            data = p.read_bytes()
+        except FileNotFoundError:
+            if missing_ok:
+                return cls()
+            raise TrustStoreError(f"trust store {p} does not exist; import an agency's public keys first") from None
+        except OSError as exc:
+            raise TrustStoreError(f"cannot read trust store {p}: {exc.strerror or exc}") from None
+        return cls.from_json(data, str(p))
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write atomically (temp file, fsync, rename, fsync of the directory): a crash leaves the old or the new store."""
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.to_jwks(), indent=2) + "\n"
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # public keys: readable by the resident's tools
+            os.replace(tmp, p)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        dir_fd = os.open(p.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    # --- changing ---
+
+    def add(self, other: TrustStore | Iterable[TrustedKey]) -> list[str]:
+        """Merge keys in place; return the kids that were added or changed.
+
+        A kid already present with the same key material is updated: its
+        validity period is taken from ``other``, and it is revoked if either
+        side says so (re-importing an old set never un-revokes a key). The
+        same kid with a different key, issuer or role is refused: that is a
+        different key wearing a known name. Nothing changes if any key is refused.
+        """
+        incoming = list(other)
+        merged = dict(self._keys)
+        changed: list[str] = []
+        for key in incoming:
+            old = merged.get(key.kid)
+            if old is None:
+                for existing in merged.values():
+                    if existing.x == key.x:
+                        raise TrustStoreError(
+                            f"key {key.kid!r} is the same public key as kid {existing.kid!r} already in the store"
+                        )
+                merged[key.kid] = key
+                changed.append(key.kid)
+                continue
+            if (old.x, old.iss, old.role) != (key.x, key.iss, key.role):
+                raise TrustStoreError(
+                    f"kid {key.kid!r} is already in the store with a different key, issuer or role; "
+                    "revoke the old key and import the new one under a new kid"
+                )
+            new = replace(key, revoked=old.revoked or key.revoked, public_key=old.public_key)
+            if new != old:
+                merged[key.kid] = new
+                changed.append(key.kid)
+        self._keys = merged
+        return changed
+
+    def revoke(self, kid: str) -> TrustedKey:
+        """Mark a key revoked (kept in the store, so that a later import cannot bring it back)."""
+        key = self._keys.get(kid)
+        if key is None:
+            known = ", ".join(sorted(self._keys)) or "none"
+            raise TrustStoreError(f"no key with kid {kid!r} in the trust store (known kids: {known})")
+        revoked = replace(key, revoked=True)
+        self._keys = {**self._keys, kid: revoked}
+        return revoked

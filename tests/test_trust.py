@@ -1,0 +1,173 @@
+"""The trust store (PROTOCOL.md section 1): strict loading, validity, atomic saving, merging."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.trust import TrustedKey, TrustStore, TrustStoreError
+from tests import protocol_signing as ps
+
+UTC = timezone.utc
+
+
+def jwks() -> dict[str, Any]:
+    return ps.vectors()["trust"]
+
+
+def test_vectors_trust_store_loads() -> None:
+    store = TrustStore.from_jwks(jwks())
+    assert len(store) == 6
+    k = store.get("jxn-oversight-1")
+    assert k is not None and k.role == "oversight" and k.iss == "jackson-oversight"
+    assert store.get("nobody") is None and "jpd-2026a" in store
+    assert store.to_jwks() == jwks()  # round trip keeps every member
+
+
+def test_valid_at_period_ends() -> None:
+    store = TrustStore.from_jwks(jwks())
+    old, future, revoked = store.get("jpd-old"), store.get("jpd-2027"), store.get("jpd-2025")
+    assert old and future and revoked
+    assert old.valid_at(datetime(2025, 1, 1, tzinfo=UTC))  # nbf itself is inside
+    assert not old.valid_at(datetime(2024, 12, 31, 23, 59, 59, tzinfo=UTC))
+    assert old.valid_at(datetime(2026, 5, 31, 23, 59, 59, tzinfo=UTC))
+    assert not old.valid_at(datetime(2026, 6, 1, tzinfo=UTC))  # exp itself is outside
+    assert not future.valid_at(datetime(2026, 12, 31, 23, 59, 59, tzinfo=UTC))
+    assert future.valid_at(datetime(2027, 1, 1, tzinfo=UTC))
+    assert not revoked.valid_at(datetime(2026, 12, 3, tzinfo=UTC))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"x": "fZC02SOUC_nQFljf6U-oE0leRWQ9n8UyjpzUIVtvbO"}, "key 0 .*32-byte"),
+        ({"x": "fZC02SOUC_nQFljf6U-oE0leRWQ9n8UyjpzUIVtvbO8="}, "32-byte"),
+        ({"role": "admin"}, "key 0 \\(kid 'jpd-2026a'\\).*role 'admin'"),
+        ({"iss": "Jackson PD"}, "iss 'Jackson PD'"),
+        ({"crv": "X25519"}, "OKP/Ed25519"),
+        ({"d": "9C6RNPgD6Am6iiupVw8MoB_IPXEAgPygpwER4uerI-A"}, "private key"),
+        ({"x5u": "https://example.org/cert"}, "unknown member.*x5u"),
+        ({"revoked": "yes"}, "revoked must be true or false"),
+        ({"exp": 1.5}, "exp must be whole seconds"),
+        ({"nbf": 1780272000, "exp": 1735689600}, "nbf must be before exp"),
+        ({"use": "enc"}, "use must be 'sig'"),
+        ({"kid": "has space"}, "kid must be"),
+        ({"x": "dSwmguqe-LBS9snRv0UL7L45Y3yUxaojcWL80QEvQmw"}, "key 1 \\(kid 'hcso-2026'\\): the same public key .*'jpd-2026a'"),
+    ],
+)
+def test_invalid_key_is_refused_with_a_clear_error(change: dict[str, Any], message: str) -> None:
+    doc = jwks()
+    doc["keys"][0].update(change)
+    with pytest.raises(TrustStoreError, match=message):
+        TrustStore.from_jwks(doc)
+
+
+def test_duplicate_kid_is_named() -> None:
+    doc = jwks()
+    doc["keys"][1]["kid"] = "jpd-2026a"
+    with pytest.raises(TrustStoreError, match="key 1 \\(kid 'jpd-2026a'\\).*appears twice"):
+        TrustStore.from_jwks(doc)
+
+
+def test_missing_member_is_named() -> None:
+    doc = jwks()
+    del doc["keys"][2]["role"]
+    with pytest.raises(TrustStoreError, match="key 2 .*no 'role'"):
+        TrustStore.from_jwks(doc)
+
+
+@pytest.mark.parametrize("doc", [[], {"keys": {}}, {"keys": [], "extra": 1}, {"key": []}, "keys"])
+def test_not_a_jwk_set(doc: Any) -> None:
+    with pytest.raises(TrustStoreError):
+        TrustStore.from_jwks(doc)
+
+
+def test_empty_set_trusts_nobody() -> None:
+    assert len(TrustStore.from_jwks({"keys": []})) == 0
+
+
+def test_save_and_load_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "trust.jwks.json"
+    store = TrustStore.from_jwks(jwks())
+    store.save(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert [p.name for p in path.parent.iterdir()] == ["trust.jwks.json"]  # no temp file left behind
+    again = TrustStore.load(path)
+    assert again.to_jwks() == store.to_jwks()
+
+
+def test_save_replaces_atomically(tmp_path: Path) -> None:
+    path = tmp_path / "trust.jwks.json"
+    TrustStore.from_jwks({"keys": []}).save(path)
+    inode = path.stat().st_ino
+    TrustStore.from_jwks(jwks()).save(path)
+    assert path.stat().st_ino != inode  # a new file renamed over the old one, not rewritten in place
+    assert len(TrustStore.load(path)) == 6
+
+
+def test_missing_store_fails_closed_unless_allowed(tmp_path: Path) -> None:
+    with pytest.raises(TrustStoreError, match="does not exist"):
+        TrustStore.load(tmp_path / "none.json")
+    assert len(TrustStore.load(tmp_path / "none.json", missing_ok=True)) == 0
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"{not json", b'{"keys": [], "keys": []}', b'{"keys": [{"kty": "OKP"}]}', b"\xff\xfe"],
+)
+def test_corrupt_store_raises(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "trust.jwks.json"
+    path.write_bytes(content)
+    with pytest.raises(TrustStoreError, match=str(path)):
+        TrustStore.load(path)
+
+
+def test_unreadable_store_raises(tmp_path: Path) -> None:
+    (tmp_path / "dir.json").mkdir()
+    with pytest.raises(TrustStoreError, match="cannot read"):
+        TrustStore.load(tmp_path / "dir.json")
+
+
+def test_add_merges_and_never_unrevokes() -> None:
+    doc = jwks()
+    store = TrustStore.from_jwks({"keys": doc["keys"][:2]})
+    store.revoke("hcso-2026")
+    incoming = TrustStore.from_jwks({"keys": doc["keys"][:3]})  # hcso-2026 not revoked in this copy
+    assert store.add(incoming) == ["jxn-oversight-1"]
+    hcso = store.get("hcso-2026")
+    assert hcso is not None and hcso.revoked
+    doc["keys"][0]["exp"] = 1900000000
+    doc["keys"][0]["revoked"] = True
+    assert store.add(TrustStore.from_jwks({"keys": doc["keys"][:1]})) == ["jpd-2026a"]
+    k = store.get("jpd-2026a")
+    assert k is not None and k.exp == 1900000000 and k.revoked
+
+
+def test_add_refuses_a_known_kid_with_a_different_key_and_changes_nothing() -> None:
+    doc = jwks()
+    store = TrustStore.from_jwks({"keys": doc["keys"][:1]})
+    impostor = dict(doc["keys"][5], kid="jpd-2026a")
+    newcomer = doc["keys"][1]
+    with pytest.raises(TrustStoreError, match="different key"):
+        store.add([TrustedKey.from_jwk(newcomer), TrustedKey.from_jwk(impostor)])
+    assert len(store) == 1
+
+
+def test_revoke_unknown_kid_names_the_known_ones() -> None:
+    store = TrustStore.from_jwks({"keys": jwks()["keys"][:1]})
+    with pytest.raises(TrustStoreError, match="known kids: jpd-2026a"):
+        store.revoke("jpd-9999")
+
+
+def test_saved_store_is_plain_public_jwks(tmp_path: Path) -> None:
+    path = tmp_path / "t.json"
+    TrustStore.from_jwks(jwks()).save(path)
+    doc = json.loads(path.read_text())
+    assert all("d" not in k for k in doc["keys"])
+    assert os.access(path, os.R_OK)
