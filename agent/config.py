@@ -30,7 +30,7 @@ CONFIG_ENV = "DOORBELL_AGENT_CONFIG"
 ENV_PREFIX = "DOORBELL_AGENT_"
 
 DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-_HHMM = re.compile(r"^(?:[01]\d|2[0-3]):[0-5]\d$|^24:00$")
+_HHMM = re.compile(r"(?:[01]\d|2[0-3]):[0-5]\d|24:00", re.ASCII)
 
 
 class _Section(BaseModel):
@@ -137,7 +137,7 @@ class ScheduleRule(_Section):
     @field_validator("from_", "to")
     @classmethod
     def _hhmm(cls, v: str) -> str:
-        if not _HHMM.match(v):
+        if not _HHMM.fullmatch(v):
             raise ValueError(f"{v!r} is not a time of day; write HH:MM from 00:00 to 24:00")
         return v
 
@@ -230,6 +230,13 @@ class MqttConfig(_Section):
         return self
 
 
+class ClockConfig(_Section):
+    """When the system cannot tell that its clock is right (see agent/clock.py)."""
+
+    # Declare the clock synchronized without NTP, e.g. a device with a battery-backed RTC.
+    assume_synced: bool = False
+
+
 class AgentConfig(BaseSettings):
     """The whole configuration. Load it with :func:`load_config`, not directly."""
 
@@ -242,6 +249,7 @@ class AgentConfig(BaseSettings):
     buffer: BufferConfig = BufferConfig()
     policy: PolicyConfig | None = None
     mqtt: MqttConfig | None = None
+    clock: ClockConfig = ClockConfig()
 
     @classmethod
     def settings_customise_sources(

@@ -1,0 +1,148 @@
+"""The resident's kill switch: one small file that stops all sharing at once.
+
+It is read on every decision and before every delivery chunk, so reading must
+be cheap and must never say "off" by mistake. The rules:
+
+- no file at all means off: the state of a fresh install;
+- a file that is well-formed JSON ``{"v": 1, "engaged": bool, "since": RFC 3339 UTC,
+  "by": text}`` and nothing else means what it says;
+- anything else (unreadable, truncated, oversized, unexpected members or
+  types) means ENGAGED, with a reason saying why: when in doubt, share nothing.
+
+Writes go to a temporary file that is flushed to disk, renamed over the old
+one and followed by an fsync of the directory, so a power cut leaves either
+the old state or the new one, never half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from agent.timeutil import format_utc, parse_utc_z
+
+UTC = timezone.utc
+MAX_FILE_BYTES = 4096
+MAX_BY_CHARS = 200
+
+
+@dataclass(frozen=True)
+class KillSwitchState:
+    engaged: bool
+    since: datetime | None
+    by: str | None
+    reason: str
+    """Why the agent believes this: shown to the homeowner and logged when it blocks sharing."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "engaged": self.engaged,
+            "since": format_utc(self.since) if self.since else None,
+            "by": self.by,
+            "reason": self.reason,
+        }
+
+
+def _engaged_because(why: str) -> KillSwitchState:
+    return KillSwitchState(engaged=True, since=None, by=None, reason=why)
+
+
+def parse_state(data: bytes, path: Path) -> KillSwitchState:
+    """Interpret the file's bytes; anything unexpected means engaged."""
+    if len(data) > MAX_FILE_BYTES:
+        return _engaged_because(f"kill-switch file {path} is larger than {MAX_FILE_BYTES} bytes; treated as engaged")
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        return _engaged_because(f"kill-switch file {path} is not valid JSON ({exc}); treated as engaged")
+    if not isinstance(obj, dict):
+        return _engaged_because(f"kill-switch file {path} does not hold a JSON object; treated as engaged")
+    if set(obj) != {"v", "engaged", "since", "by"}:
+        return _engaged_because(
+            f"kill-switch file {path} has members {sorted(obj)}, expected exactly by, engaged, since, v; treated as engaged"
+        )
+    if obj["v"] != 1 or isinstance(obj["v"], bool):
+        return _engaged_because(f"kill-switch file {path} has version {obj['v']!r}, expected 1; treated as engaged")
+    engaged = obj["engaged"]
+    if not isinstance(engaged, bool):
+        return _engaged_because(f"kill-switch file {path}: 'engaged' is {engaged!r}, not true or false; treated as engaged")
+    try:
+        since = parse_utc_z(obj["since"])
+    except ValueError:
+        return _engaged_because(f"kill-switch file {path}: 'since' is {obj['since']!r}, not an RFC 3339 UTC time; treated as engaged")
+    by = obj["by"]
+    if not isinstance(by, str) or not by or len(by) > MAX_BY_CHARS:
+        return _engaged_because(f"kill-switch file {path}: 'by' is not a short text; treated as engaged")
+    verb = "engaged" if engaged else "released"
+    return KillSwitchState(engaged=engaged, since=since, by=by, reason=f"{verb} by {by} at {format_utc(since)}")
+
+
+class KillSwitch:
+    """The kill switch kept in ``config.paths.killswitch_file``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def state(self) -> KillSwitchState:
+        """Read the file now (a few microseconds); never raises."""
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read(MAX_FILE_BYTES + 1)
+        except FileNotFoundError:
+            return KillSwitchState(
+                engaged=False, since=None, by=None, reason=f"no kill-switch file at {self.path} (never engaged): off"
+            )
+        except OSError as exc:
+            return _engaged_because(f"cannot read kill-switch file {self.path} ({exc.strerror or exc}); treated as engaged")
+        return parse_state(data, self.path)
+
+    @property
+    def engaged(self) -> bool:
+        return self.state().engaged
+
+    def engage(self, by: str, now: datetime | None = None) -> KillSwitchState:
+        return self.set(True, by=by, now=now)
+
+    def release(self, by: str, now: datetime | None = None) -> KillSwitchState:
+        return self.set(False, by=by, now=now)
+
+    def set(self, engaged: bool, *, by: str, now: datetime | None = None) -> KillSwitchState:
+        """Write the new state durably; raise OSError if it could not be written."""
+        by = " ".join(str(by).split())[:MAX_BY_CHARS] or "unknown"
+        when = (now or datetime.now(UTC)).astimezone(UTC).replace(microsecond=0)
+        body = json.dumps({"v": 1, "engaged": bool(engaged), "since": format_utc(when), "by": by}, sort_keys=True)
+        write_atomically(self.path, (body + "\n").encode("utf-8"))
+        return self.state()
+
+
+def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """temp file in the same directory, fsync, rename over, fsync the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

@@ -1,0 +1,503 @@
+"""The access log: hash chain, signed checkpoints, counters, concurrency, and the homeowner's log commands."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import sqlite3
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from cryptography.exceptions import InvalidSignature
+
+from agent.accesslog import AccessLog, AccessLogError
+from agent.clock import FixedClock
+from agent.devicekey import DeviceKey
+
+UTC = timezone.utc
+NOW = datetime(2026, 12, 3, 18, 0, 0, tzinfo=UTC)
+
+
+def decision(log: AccessLog, i: int, *, iss: str = "jackson-pd", reason: str = "granted", at: datetime | None = None) -> tuple[int, str]:
+    granted = (NOW - timedelta(minutes=90), NOW - timedelta(minutes=60)) if reason == "granted" else None
+    return log.append(
+        jti=f"req-{i:04d}-test-aaaaaaaa", iss=iss, sub="badge-4471", case=f"JPD-2026-{i:06d}",
+        purpose="Burglary reported on the 1200 block of N State St; looking for a person leaving on foot.",
+        area={"lat": 32.299839, "lon": -90.184, "radius_m": 300}, requested=(NOW - timedelta(hours=2), NOW - timedelta(hours=1)),
+        reason=reason, granted=granted, kids=["jpd-2026a"], at=at or NOW,
+    )  # fmt: skip
+
+
+def fill(log: AccessLog, n: int) -> None:
+    for i in range(1, n + 1):
+        decision(log, i)
+
+
+@pytest.fixture
+def key() -> DeviceKey:
+    return DeviceKey.generate()
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "state.sqlite"
+
+
+def raw(db: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(db, isolation_level=None)
+    return conn
+
+
+def rows(db: Path) -> list[tuple[Any, ...]]:
+    with raw(db) as c:
+        return c.execute("SELECT seq, entry, prev_hash, hash FROM access_log ORDER BY seq").fetchall()
+
+
+# --- the construction, re-implemented from the README text alone --------------------------
+
+
+def b64d(s: str) -> bytes:
+    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+
+
+def test_an_auditor_can_recompute_the_chain_and_checkpoints(db: Path, key: DeviceKey) -> None:
+    log = AccessLog(db, device_key=key, checkpoint_every=4)
+    fill(log, 9)
+    seq, head = log.append_event("req-0002-test-aaaaaaaa", "delivered", delivery_id="Ojm5DLRgg9SKVkBaY4QfDA", bytes=300800, at=NOW)
+    log.close()
+    prev = bytes(32)
+    with raw(db) as c:
+        for s, entry, prev_hash, stored in c.execute("SELECT seq, entry, prev_hash, hash FROM access_log ORDER BY seq"):
+            data = entry.encode("utf-8")
+            assert json.loads(data)["seq"] == s
+            assert data == json.dumps(json.loads(data), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+            assert prev_hash == prev.hex()
+            prev = hashlib.sha256(b"doorbell-agent/access-log/v1\x00" + prev + data).digest()
+            assert stored == prev.hex()
+        assert (s, prev.hex()) == (seq, head) == (10, head)
+        cps = c.execute("SELECT seq, hash, jws FROM access_log_checkpoints ORDER BY seq").fetchall()
+    assert [cp[0] for cp in cps] == [4, 8]
+    for cp_seq, cp_hash, jws in cps:
+        h, p, sig = jws.split(".")
+        header, payload = json.loads(b64d(h)), json.loads(b64d(p))
+        assert header == {"alg": "Ed25519", "kid": key.kid, "typ": "access-log-checkpoint+jwt"}
+        assert payload["seq"] == cp_seq and payload["hash"] == cp_hash and payload["device"] == key.public_jwk()
+        key.public.verify(b64d(sig), f"{h}.{p}".encode())
+
+
+def test_append_records_what_the_resident_reads(db: Path) -> None:
+    log = AccessLog(db)
+    seq, h = decision(log, 1)
+    e = log.entries()[0]
+    assert (e.seq, e.hash, e.iss, e.jti, e.outcome) == (seq, h, "jackson-pd", "req-0001-test-aaaaaaaa", "granted")
+    d = e.data
+    assert d["decision"] == "granted" and d["reason"] == "granted"
+    assert d["granted"] == {"start": "2026-12-03T16:30:00Z", "end": "2026-12-03T17:00:00Z"}
+    assert d["requested"] == {"start": "2026-12-03T16:00:00Z", "end": "2026-12-03T17:00:00Z"}
+    assert d["area"] == {"lat": 32.299839, "lon": -90.184, "radius_m": 300.0}
+    assert d["kids"] == ["jpd-2026a"] and d["sub"] == "badge-4471" and d["at"] == "2026-12-03T18:00:00.000Z"
+    seq2, _ = decision(log, 2, reason="outside_geofence")
+    assert log.entries()[1].data["decision"] == "refused" and log.entries()[1].data["granted"] is None
+
+
+def test_events_reference_their_request(db: Path) -> None:
+    log = AccessLog(db)
+    first, _ = decision(log, 1, reason="awaiting_resident")
+    seq, _ = log.append_event("req-0001-test-aaaaaaaa", "approved", granted=(NOW - timedelta(hours=2), NOW - timedelta(hours=1)), at=NOW)
+    e = log.entries(jti="req-0001-test-aaaaaaaa")[-1]
+    assert e.type == "event" and e.outcome == "approved" and e.data["ref_seq"] == first and e.iss == "jackson-pd"
+    assert e.data["granted"] == {"start": "2026-12-03T16:00:00Z", "end": "2026-12-03T17:00:00Z"}
+    with pytest.raises(AccessLogError, match="no logged request"):
+        log.append_event("req-9999-unknown-aaaaaa", "delivered")
+    with pytest.raises(AccessLogError, match="unknown event"):
+        log.append_event("req-0001-test-aaaaaaaa", "shredded")
+    assert log.head()[0] == seq  # a refused append leaves nothing behind
+    assert log.verify().ok
+
+
+def test_restart_keeps_the_chain(db: Path, key: DeviceKey) -> None:
+    log = AccessLog(db, device_key=key)
+    fill(log, 3)
+    head = log.head()
+    log.close()
+    log = AccessLog(db, device_key=key)
+    assert log.head() == head
+    seq, h = decision(log, 4)
+    assert seq == 4 and rows(db)[-1][2] == head[1]
+    assert log.verify(key).ok
+
+
+# --- tampering -------------------------------------------------------------------------------
+
+
+def test_edit_is_detected(db: Path, key: DeviceKey) -> None:
+    log = AccessLog(db, device_key=key)
+    fill(log, 6)
+    with raw(db) as c:
+        c.execute("UPDATE access_log SET entry = replace(entry, 'badge-4471', 'badge-0000') WHERE seq = 3")
+    r = log.verify(key)
+    assert not r.ok and r.first_bad_seq == 3 and r.first_problem and r.first_problem.kind == "changed"
+    assert "entry 3 was changed" in r.first_problem.message
+
+
+def test_edit_with_its_hash_recomputed_is_detected_at_the_next_entry(db: Path) -> None:
+    log = AccessLog(db)
+    fill(log, 6)
+    (_, entry, prev_hash, _), = [r for r in rows(db) if r[0] == 3]
+    forged = entry.replace("badge-4471", "badge-0000")
+    new_hash = hashlib.sha256(b"doorbell-agent/access-log/v1\x00" + bytes.fromhex(prev_hash) + forged.encode()).hexdigest()
+    with raw(db) as c:
+        c.execute("UPDATE access_log SET entry = ?, hash = ? WHERE seq = 3", (forged, new_hash))
+    r = log.verify()
+    assert not r.ok and r.first_bad_seq == 4 and "does not follow on from entry 3" in r.first_problem.message  # type: ignore[union-attr]
+
+
+def rechain(db: Path, start: int) -> None:
+    """What an attacker without the device key can do: recompute every hash from ``start`` on."""
+    with raw(db) as c:
+        prev = bytes.fromhex(c.execute("SELECT hash FROM access_log WHERE seq = ?", (start - 1,)).fetchone()[0]) if start > 1 else bytes(32)
+        for seq, entry in c.execute("SELECT seq, entry FROM access_log WHERE seq >= ? ORDER BY seq", (start,)).fetchall():
+            h = hashlib.sha256(b"doorbell-agent/access-log/v1\x00" + prev + entry.encode()).digest()
+            c.execute("UPDATE access_log SET prev_hash = ?, hash = ? WHERE seq = ?", (prev.hex(), h.hex(), seq))
+            prev = h
+
+
+def test_rewritten_chain_is_caught_by_the_signed_checkpoint(db: Path, key: DeviceKey) -> None:
+    log = AccessLog(db, device_key=key, checkpoint_every=4)
+    fill(log, 9)  # checkpoints at 4 and 8
+    with raw(db) as c:
+        c.execute("UPDATE access_log SET entry = replace(entry, '\"granted\"', '\"no_footage\"'), outcome = 'no_footage' WHERE seq = 6")
+    rechain(db, 6)
+    r = log.verify(key)
+    assert not r.ok and r.first_bad_seq == 5 and r.first_problem.kind == "checkpoint_mismatch"  # type: ignore[union-attr]
+    assert "entries 5 to 8 were rewritten" in r.first_problem.message  # type: ignore[union-attr]
+
+
+def test_deleted_entry_is_detected(db: Path) -> None:
+    log = AccessLog(db)
+    fill(log, 6)
+    with raw(db) as c:
+        c.execute("DELETE FROM access_log WHERE seq = 4")
+    r = log.verify()
+    assert not r.ok and r.first_bad_seq == 4 and r.first_problem.kind == "deleted"  # type: ignore[union-attr]
+    assert "entry 4 is missing" in r.first_problem.message  # type: ignore[union-attr]
+
+
+def test_deleted_and_renumbered_entry_is_detected(db: Path) -> None:
+    log = AccessLog(db)
+    fill(log, 6)
+    with raw(db) as c:
+        c.execute("DELETE FROM access_log WHERE seq = 4")
+        for s in (5, 6):
+            c.execute("UPDATE access_log SET seq = ? WHERE seq = ?", (s - 1, s))
+    r = log.verify()
+    assert not r.ok and r.first_bad_seq == 4 and r.first_problem.kind == "reordered"  # type: ignore[union-attr]
+
+
+def test_deleted_tail_is_caught_by_the_checkpoint(db: Path, key: DeviceKey) -> None:
+    log = AccessLog(db, device_key=key)
+    fill(log, 6)
+    log.checkpoint(NOW)
+    with raw(db) as c:
+        c.execute("DELETE FROM access_log WHERE seq >= 5")
+    r = log.verify(key)
+    assert not r.ok and r.first_bad_seq == 5 and r.first_problem.kind == "truncated"  # type: ignore[union-attr]
+    assert "entries 5 to 6 were deleted" in r.first_problem.message  # type: ignore[union-attr]
+
+
+def test_inserted_entry_is_detected(db: Path) -> None:
+    log = AccessLog(db)
+    fill(log, 6)
+    with raw(db) as c:
+        for s in (6, 5, 4):
+            c.execute("UPDATE access_log SET seq = ? WHERE seq = ?", (s + 1, s))
+        c.execute(
+            "INSERT INTO access_log SELECT 4, at_us, type, jti, iss, outcome, replace(entry, '\"seq\":3', '\"seq\":4'), hash, hash "
+            "FROM access_log WHERE seq = 3"
+        )
+    rechain(db, 4)  # even with every hash recomputed, the entry numbered 5 says it was written as 4
+    r = log.verify()
+    assert not r.ok and r.first_bad_seq == 5 and r.first_problem.kind == "reordered"  # type: ignore[union-attr]
+
+
+def test_inserted_and_renumbered_entry_is_caught_by_the_checkpoint(db: Path, key: DeviceKey) -> None:
+    log = AccessLog(db, device_key=key)
+    fill(log, 6)
+    log.checkpoint(NOW)
+    with raw(db) as c:
+        for s in (6, 5, 4):
+            c.execute(
+                "UPDATE access_log SET seq = ?, entry = replace(entry, ?, ?) WHERE seq = ?",
+                (s + 1, f'"seq":{s}', f'"seq":{s + 1}', s),
+            )
+        c.execute(
+            "INSERT INTO access_log SELECT 4, at_us, type, jti, iss, outcome, replace(entry, '\"seq\":3', '\"seq\":4'), hash, hash "
+            "FROM access_log WHERE seq = 3"
+        )
+    rechain(db, 4)
+    r = log.verify(key)
+    assert not r.ok and r.first_bad_seq == 1 and r.first_problem.kind == "checkpoint_mismatch"  # type: ignore[union-attr]
+
+
+def test_reordered_entries_are_detected(db: Path) -> None:
+    log = AccessLog(db)
+    fill(log, 6)
+    with raw(db) as c:
+        a = c.execute("SELECT entry, prev_hash, hash FROM access_log WHERE seq = 3").fetchone()
+        b = c.execute("SELECT entry, prev_hash, hash FROM access_log WHERE seq = 4").fetchone()
+        c.execute("UPDATE access_log SET entry = ?, prev_hash = ?, hash = ? WHERE seq = 3", b)
+        c.execute("UPDATE access_log SET entry = ?, prev_hash = ?, hash = ? WHERE seq = 4", a)
+    r = log.verify()
+    assert not r.ok and r.first_bad_seq == 3 and r.first_problem.kind == "reordered"  # type: ignore[union-attr]
+
+
+def test_edited_index_column_is_detected(db: Path) -> None:
+    """Hiding a grant from the rate limit by editing the searchable column alone is caught too."""
+    log = AccessLog(db)
+    fill(log, 4)
+    assert log.grants_since("jackson-pd", NOW - timedelta(days=1)) == 4
+    with raw(db) as c:
+        c.execute("UPDATE access_log SET outcome = 'no_footage' WHERE seq = 2")
+    assert log.grants_since("jackson-pd", NOW - timedelta(days=1)) == 3
+    r = log.verify()
+    assert not r.ok and r.first_bad_seq == 2 and "searchable columns" in r.first_problem.message  # type: ignore[union-attr]
+
+
+def test_checkpoint_signature_is_checked(db: Path, key: DeviceKey) -> None:
+    log = AccessLog(db, device_key=key)
+    fill(log, 3)
+    cp = log.checkpoint(NOW)
+    assert log.verify(key).ok and log.verify(key).checkpoints_ok == 1
+    h, p, s = cp.jws.split(".")
+    bad_sig = bytearray(b64d(s))
+    bad_sig[0] ^= 1
+    forged = f"{h}.{p}." + base64.urlsafe_b64encode(bytes(bad_sig)).rstrip(b"=").decode()
+    with raw(db) as c:
+        c.execute("UPDATE access_log_checkpoints SET jws = ?", (forged,))
+    r = log.verify(key)
+    assert not r.ok and r.first_problem.kind == "checkpoint_signature" and "does not verify" in r.first_problem.message  # type: ignore[union-attr]
+    with pytest.raises(InvalidSignature):
+        key.public.verify(bytes(bad_sig), f"{h}.{p}".encode())
+
+
+def test_checkpoint_by_another_key_is_refused(db: Path, key: DeviceKey) -> None:
+    other = DeviceKey.generate()
+    log = AccessLog(db, device_key=other)
+    fill(log, 3)
+    log.checkpoint(NOW)
+    assert log.verify().ok  # consistent with the key it names...
+    r = log.verify(key)  # ...but not this device's key
+    assert not r.ok and "not this device's key" in r.first_problem.message  # type: ignore[union-attr]
+
+
+def test_checkpoint_columns_edited_is_detected(db: Path, key: DeviceKey) -> None:
+    log = AccessLog(db, device_key=key)
+    fill(log, 3)
+    log.checkpoint(NOW)
+    with raw(db) as c:
+        c.execute("UPDATE access_log_checkpoints SET seq = 2")
+    r = log.verify(key)
+    assert not r.ok and r.first_problem.kind == "checkpoint_signature"  # type: ignore[union-attr]
+
+
+# --- checkpoint schedule ------------------------------------------------------------------------
+
+
+def test_checkpoint_every_n_entries(db: Path, key: DeviceKey) -> None:
+    log = AccessLog(db, device_key=key, checkpoint_every=5)
+    fill(log, 12)
+    assert [c.seq for c in log.checkpoints()] == [5, 10]
+
+
+def test_checkpoint_at_least_hourly_when_entries_were_added(db: Path, key: DeviceKey) -> None:
+    clock = FixedClock(NOW)
+    log = AccessLog(db, device_key=key, checkpoint_every=1000, clock=clock.now)
+    assert log.checkpoint_if_due() is None  # nothing logged: nothing to sign
+    decision(log, 1, at=clock.now())
+    clock.advance(59 * 60)
+    assert log.checkpoint_if_due() is None
+    decision(log, 2, at=clock.now())
+    clock.advance(61)  # the first unsigned entry is now an hour old
+    cp = log.checkpoint_if_due()
+    assert cp is not None and cp.seq == 2
+    clock.advance(2 * 3600)
+    assert log.checkpoint_if_due() is None  # nothing new since
+    decision(log, 3, at=clock.now())
+    clock.advance(3601)
+    decision(log, 4, at=clock.now())  # the append itself notices the overdue checkpoint
+    assert [c.seq for c in log.checkpoints()] == [2, 4]
+
+
+def test_checkpoint_on_demand_needs_the_device_key(db: Path) -> None:
+    log = AccessLog(db)
+    fill(log, 1)
+    with pytest.raises(AccessLogError, match="device key"):
+        log.checkpoint()
+
+
+# --- counters and the rate limit ----------------------------------------------------------------
+
+
+def test_pre_auth_failures_are_counted_not_logged(db: Path) -> None:
+    clock = FixedClock(NOW)
+    log = AccessLog(db, clock=clock.now)
+    for _ in range(500):
+        log.count_rejection("malformed")
+    for _ in range(3):
+        log.count_rejection("bad_signature")
+    clock.advance(3600)
+    log.count_rejection("malformed")
+    assert log.entries() == [] and log.head()[0] == 0
+    assert log.rejection_counts() == [
+        {"hour": "2026-12-03T18:00:00Z", "reason": "bad_signature", "count": 3},
+        {"hour": "2026-12-03T18:00:00Z", "reason": "malformed", "count": 500},
+        {"hour": "2026-12-03T19:00:00Z", "reason": "malformed", "count": 1},
+    ]
+    with raw(db) as c:
+        assert c.execute("SELECT COUNT(*) FROM preauth_counters").fetchone()[0] == 3
+    with pytest.raises(AccessLogError, match="count_rejection"):
+        decision(log, 1, reason="bad_signature")
+    with pytest.raises(AccessLogError, match="pre-authentication"):
+        log.count_rejection("expired")
+
+
+def test_grants_since_counts_grants_and_approvals_per_issuer(db: Path) -> None:
+    log = AccessLog(db)
+    decision(log, 1, at=NOW - timedelta(hours=25))
+    decision(log, 2, at=NOW - timedelta(hours=23))
+    decision(log, 3, reason="outside_geofence", at=NOW - timedelta(hours=2))
+    decision(log, 4, reason="awaiting_resident", at=NOW - timedelta(hours=2))
+    log.append_event("req-0004-test-aaaaaaaa", "approved", at=NOW - timedelta(hours=1))
+    decision(log, 5, iss="hinds-so", at=NOW - timedelta(hours=1))
+    since = NOW - timedelta(hours=24)
+    assert log.grants_since("jackson-pd", since) == 2
+    assert log.grants_since("hinds-so", since) == 1
+    assert log.grants_since("jackson-pd", NOW - timedelta(hours=23)) == 1  # strictly after `since`
+
+
+# --- concurrency ----------------------------------------------------------------------------------
+
+WRITER = """
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from agent.accesslog import AccessLog
+log = AccessLog(Path(sys.argv[1]))
+who = sys.argv[2]
+print("ready", flush=True)
+sys.stdin.readline()  # start together
+for i in range(int(sys.argv[3])):
+    log.append(jti=f"req-{who}-{i:06d}-aaaaaaa", iss=who, sub="s", case="c", purpose="p",
+               area={"lat": 1, "lon": 2, "radius_m": 3}, requested=("2026-12-03T16:00:00Z", "2026-12-03T17:00:00Z"),
+               reason="no_footage", kids=["k"])
+    time.sleep(0.002)  # workload shape, not a wait: SQLite's lock is not fair, a tight loop would starve the other writer
+print("done")
+"""
+
+
+def test_two_processes_appending_keep_one_chain(db: Path) -> None:
+    AccessLog(db).close()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(db), who, "150"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        for who in ("alpha", "bravo")
+    ]
+    for p in procs:
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0 and out.strip() == "done", err
+    log = AccessLog(db)
+    r = log.verify()
+    assert r.ok and r.entries == 300 and r.head_seq == 300
+    whos = [e.iss for e in log.entries()]
+    assert whos.count("alpha") == 150 and whos.count("bravo") == 150
+    assert whos != sorted(whos), "the writers should have interleaved"
+
+
+def test_reader_sees_committed_entries_while_a_writer_is_open(db: Path) -> None:
+    writer = AccessLog(db)
+    reader = AccessLog(db)
+    decision(writer, 1)
+    assert reader.head() == writer.head() and reader.verify().ok
+
+
+# --- the homeowner's commands ---------------------------------------------------------------------
+
+
+def run_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", "--config", str(config), *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def agent_dirs(write_config: Callable[[str], Path], tmp_path: Path) -> tuple[Path, Path, DeviceKey]:
+    cfg = write_config("")
+    data = tmp_path / "data"
+    data.mkdir()
+    key = DeviceKey.load_or_create(data / "device-key.pem")
+    return cfg, data / "state.sqlite", key
+
+
+def test_cli_verify_intact_then_tampered(agent_dirs: tuple[Path, Path, DeviceKey]) -> None:
+    cfg, db, key = agent_dirs
+    r = run_cli(cfg, "log", "verify")
+    assert r.returncode == 0 and "empty" in r.stdout
+    log = AccessLog(db, device_key=key, checkpoint_every=3)
+    fill(log, 4)
+    log.close()
+    r = run_cli(cfg, "log", "verify")
+    assert r.returncode == 0, r.stderr
+    assert "intact: 4 entries" in r.stdout and "covering entry 3" in r.stdout
+    with raw(db) as c:
+        c.execute("UPDATE access_log SET entry = replace(entry, 'Burglary', 'Nothing') WHERE seq = 2")
+    r = run_cli(cfg, "log", "verify")
+    assert r.returncode == 1
+    assert "tampered with: entry 2 was changed" in r.stdout and "Entry 1 checks out" in r.stdout
+    r = run_cli(cfg, "log", "verify", "--json")
+    assert r.returncode == 1
+    assert json.loads(r.stdout)["first_bad_seq"] == 2
+
+
+def test_cli_show_lists_entries_in_plain_words(agent_dirs: tuple[Path, Path, DeviceKey]) -> None:
+    cfg, db, key = agent_dirs
+    log = AccessLog(db, device_key=key)
+    decision(log, 1, at=NOW - timedelta(hours=3))
+    decision(log, 2, reason="outside_geofence", at=NOW)
+    log.append_event("req-0001-test-aaaaaaaa", "delivered", delivery_id="Ojm5DLRgg9SKVkBaY4QfDA", bytes=300800, at=NOW)
+    log.count_rejection("bad_signature", at=NOW)
+    log.close()
+    r = run_cli(cfg, "log", "show")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "#1" in out and "jackson-pd, officer badge-4471, case JPD-2026-000001: GRANTED" in out
+    assert "refused: your camera is outside the search area" in out
+    assert "the footage was delivered (300,800 bytes" in out
+    assert "1 bad signature" in out
+    r = run_cli(cfg, "log", "show", "--since", "2026-12-03T17:00:00Z", "--json")
+    doc = json.loads(r.stdout)
+    assert [e["seq"] for e in doc["entries"]] == [2, 3]
+    assert doc["rejected_before_authentication"][0]["count"] == 1
+    r = run_cli(cfg, "log", "show", "--since", "last tuesday")
+    assert r.returncode == 2 and "--since" in r.stderr
+
+
+def test_cli_checkpoint_on_demand(agent_dirs: tuple[Path, Path, DeviceKey]) -> None:
+    cfg, db, key = agent_dirs
+    log = AccessLog(db)
+    fill(log, 2)
+    log.close()
+    r = run_cli(cfg, "log", "checkpoint")
+    assert r.returncode == 0 and "up to entry 2" in r.stdout
+    assert AccessLog(db).verify(key).checkpoints_ok == 1
