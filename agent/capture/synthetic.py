@@ -51,9 +51,12 @@ class SyntheticSource:
         self._sleep = sleep
         self._start_us = start_us
         self._index = 0
-        self._qr = cv2.QRCodeEncoder.create()
+        params = cv2.QRCodeEncoder.Params()
+        # Level M survives the blur of fast H.264 presets at small sizes.
+        params.correction_level = cv2.QRCodeEncoder_CORRECT_LEVEL_M
+        self._qr = cv2.QRCodeEncoder.create(params)
         self._background = _background(width, height)
-        self._module_px = max(3, min(width, height) // 90)
+        self._module_px = max(4, min(width, height) // 90)
 
     def open(self) -> None:
         if self._start_us is None:

@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "agent.cli.policy",
     "agent.cli.conformance_cmd",
     "agent.cli.wire",
+    "agent.cli.demo_cmd",
 )
 
 

@@ -1,0 +1,495 @@
+"""The request side of ``doorbell-agent run``: hear a request, decide, record, deliver.
+
+Three threads, so that nothing slow sits in front of anything urgent:
+
+- paho's network thread (inside :class:`~agent.transport.MqttTransport`) only
+  checks sizes and enqueues;
+- the **decision worker** takes one message at a time, runs the pure decision
+  (:func:`agent.policy.decide`), records it durably (replay memory, access
+  log, a delivery job or a pending approval) and only then acknowledges the
+  message to the broker, so a crash never loses a request it has not
+  recorded;
+- the **delivery worker** cuts the clip, seals it and publishes it chunk by
+  chunk, checking the kill switch before every chunk. A flood of requests
+  never waits behind a 12-hour clip, and a clip never waits behind a flood.
+
+Delivery jobs live in ``<data_dir>/outbox`` (mode 0600) from the moment a
+grant is logged until the delivery is finished or cut. A job carries the
+``delivery_id`` chosen at grant time; once sealed, it also keeps the sealed
+manifest and content key beside the clip, so a delivery interrupted by a
+broker outage or an agent restart resumes with byte-identical chunks. One
+grant therefore produces exactly one delivery.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from agent.accesslog import AccessLog
+from agent.approvals import ApprovalQueue
+from agent.clips import ClipError, NoFootageError, cut_clip
+from agent.clock import ClockSource, SystemClock
+from agent.config import AgentConfig
+from agent.delivery import SealedDelivery, resume_delivery, seal_delivery
+from agent.devicekey import DeviceKey, b64url
+from agent.killswitch import KillSwitch, write_atomically
+from agent.policy import Decision, Policy, Reason, decide
+from agent.replay import ReplayMemory
+from agent.segments import SegmentStore
+from agent.timeutil import format_utc, from_us, parse_utc_z, to_us
+from agent.transport import MqttTransport, default_client_id
+from agent.trust import TrustStore, TrustStoreError
+
+log = logging.getLogger("agent.service")
+
+UTC = timezone.utc
+HOUSEKEEPING_S = 1.0
+DELIVERY_GIVE_UP_S = 3600.0
+"""A delivery the broker will not take for this long is abandoned (and logged as failed)."""
+
+
+# -- what the decision reads ------------------------------------------------------
+
+
+@dataclass
+class LiveState:
+    """The agent's state as the pure decision sees it; every read is fresh."""
+
+    clock: ClockSource
+    killswitch: KillSwitch
+    replay: ReplayMemory
+    accesslog: AccessLog
+    store: SegmentStore
+    unsynced_why: str = ""
+
+    @property
+    def clock_synced(self) -> bool:
+        ok, why = self.clock.synced()
+        self.unsynced_why = "" if ok else why
+        return ok
+
+    @property
+    def kill_switch(self) -> bool:
+        return self.killswitch.engaged
+
+    def seen(self, jti: str) -> str | None:
+        return self.replay.seen(jti)
+
+    def grants_since(self, iss: str, since: datetime) -> int:
+        return self.accesslog.grants_since(iss, since)
+
+    def recorded(self, start: datetime, end: datetime) -> list[tuple[datetime, datetime]]:
+        return [(from_us(a), from_us(b)) for a, b in self.store.spans(to_us(start), to_us(end))]
+
+
+class TrustCache:
+    """The trust store, re-read when its file changes; unreadable means nothing verifies."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: tuple[int, int] | None = None
+        self._store: TrustStore | None = None
+        self.error: str | None = None
+
+    def get(self) -> TrustStore | None:
+        try:
+            st = self.path.stat()
+            stamp = (st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            stamp = (0, 0)
+        except OSError as exc:
+            self._fail(f"cannot read the trust store {self.path}: {exc}")
+            return None
+        if stamp != self._stamp:
+            self._stamp = stamp
+            try:
+                self._store = TrustStore.load(self.path, missing_ok=True)
+                self.error = None
+                log.info("trust store loaded: %d key(s)", len(self._store))
+            except TrustStoreError as exc:
+                self._fail(str(exc))
+        return None if self.error else self._store
+
+    def _fail(self, why: str) -> None:
+        if why != self.error:
+            log.error("%s; no request can be verified, so nothing will be shared until it is fixed "
+                      "(doorbell-agent trust list shows the problem)", why)
+        self.error = why
+        self._store = None
+
+
+# -- delivery jobs ------------------------------------------------------------------
+
+
+@dataclass
+class DeliveryJob:
+    jti: str
+    delivery_id: str
+    iss: str
+    recipient: dict[str, str]
+    granted_start: datetime
+    granted_end: datetime
+    log_seq: int
+    log_hash: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "jti": self.jti, "delivery_id": self.delivery_id, "iss": self.iss, "recipient": self.recipient,
+            "granted": {"start": format_utc(self.granted_start), "end": format_utc(self.granted_end)},
+            "log": {"seq": self.log_seq, "hash": self.log_hash},
+        }  # fmt: skip
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> DeliveryJob:
+        return cls(
+            jti=obj["jti"], delivery_id=obj["delivery_id"], iss=obj["iss"], recipient=obj["recipient"],
+            granted_start=parse_utc_z(obj["granted"]["start"]), granted_end=parse_utc_z(obj["granted"]["end"]),
+            log_seq=int(obj["log"]["seq"]), log_hash=obj["log"]["hash"],
+        )  # fmt: skip
+
+
+class Outbox:
+    """``<data_dir>/outbox``: jobs, clips and sealed state of deliveries not yet finished (0700/0600)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(root, 0o700)
+
+    def job_path(self, jti: str) -> Path:
+        return self.root / f"{jti}.job.json"
+
+    def clip_path(self, jti: str) -> Path:
+        return self.root / f"{jti}.mp4"
+
+    def sealed_path(self, jti: str) -> Path:
+        return self.root / f"{jti}.sealed.json"
+
+    def add(self, job: DeliveryJob) -> None:
+        write_atomically(self.job_path(job.jti), json.dumps(job.to_json()).encode(), mode=0o600)
+
+    def save_sealed(self, jti: str, state: dict[str, str]) -> None:
+        write_atomically(self.sealed_path(jti), json.dumps(state).encode(), mode=0o600)
+
+    def sealed(self, jti: str) -> dict[str, str] | None:
+        try:
+            return json.loads(self.sealed_path(jti).read_text())
+        except FileNotFoundError:
+            return None
+
+    def pending(self) -> list[DeliveryJob]:
+        jobs = []
+        for p in sorted(self.root.glob("*.job.json")):
+            try:
+                jobs.append(DeliveryJob.from_json(json.loads(p.read_text())))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.error("unreadable delivery job %s (%s); it is set aside as %s.bad", p.name, exc, p.name)
+                p.rename(p.with_name(p.name + ".bad"))
+        return jobs
+
+    def remove(self, jti: str) -> None:
+        for p in (self.clip_path(jti), self.sealed_path(jti), self.job_path(jti)):
+            p.unlink(missing_ok=True)
+
+
+# -- the service --------------------------------------------------------------------
+
+
+@dataclass
+class ServiceCounters:
+    decided: int = 0
+    preauth_rejected: int = 0
+    duplicates: int = 0
+    granted: int = 0
+    held_for_approval: int = 0
+    refused: int = 0
+    delivered: int = 0
+    delivery_cut: int = 0
+    delivery_failed: int = 0
+    trust_store_unreadable: int = 0
+    handler_errors: int = 0
+    last_decision: dict[str, Any] = field(default_factory=dict)
+
+
+class RequestService:
+    """Decides and delivers. ``transport`` may be None for in-process use (tests, benchmarks)."""
+
+    name = "requests"
+
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        *,
+        transport: MqttTransport | None,
+        device_key: DeviceKey,
+        clock: ClockSource | None = None,
+        delivery_give_up_s: float = DELIVERY_GIVE_UP_S,
+    ) -> None:
+        self.cfg = cfg
+        self.policy = Policy.from_config(cfg.require_policy())
+        self.root = cfg.mqtt.root if cfg.mqtt else "local"
+        self.transport = transport
+        self.device_key = device_key
+        self.clock = clock or SystemClock.from_config(cfg)
+        paths = cfg.paths
+        self.killswitch = KillSwitch(paths.killswitch_file)
+        self.replay = ReplayMemory(paths.state_db)
+        self.accesslog = AccessLog(paths.state_db, device_key=device_key, clock=self.clock.now)
+        self.approvals = ApprovalQueue(paths.state_db)
+        self.store = SegmentStore.from_config(cfg)
+        self.trust = TrustCache(paths.trust_file)
+        self.outbox = Outbox(paths.data_dir / "outbox")
+        self.state = LiveState(self.clock, self.killswitch, self.replay, self.accesslog, self.store)
+        self.counters = ServiceCounters()
+        self.delivery_give_up_s = delivery_give_up_s
+        self._deliveries: queue.Queue[DeliveryJob] = queue.Queue()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        # Hooks for tests and status displays; they run on the worker threads, so keep them short.
+        self.on_decision: Callable[[Decision | None], None] | None = None
+        self.delivery_events: Callable[[str, DeliveryJob, dict[str, Any]], None] | None = None
+
+    # ---- lifecycle
+
+    def start(self) -> None:
+        for job in self.outbox.pending():
+            log.info("resuming the delivery for request %s (delivery %s)", job.jti, job.delivery_id)
+            self._deliveries.put(job)
+        if self.transport is not None:
+            self.transport.start()
+            self._spawn(self._decision_loop, "decisions")
+        self._spawn(self._delivery_loop, "deliveries")
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        t = threading.Thread(target=target, name=f"doorbell-{name}", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in self._threads:
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        done = not any(t.is_alive() for t in self._threads)
+        if done and self._stop.is_set():
+            if self.transport is not None:
+                self.transport.stop()
+            for closer in (self.replay.close, self.accesslog.close, self.store.close):
+                closer()
+            self._threads.clear()
+        return done
+
+    # ---- deciding
+
+    def handle(self, payload: bytes) -> Decision | None:
+        """Decide one message and record the decision durably. Never raises on message content.
+
+        Returns None when the trust store is unreadable (nothing can be verified).
+        """
+        now = self.clock.now()
+        trust = self.trust.get()
+        if trust is None:
+            self.counters.trust_store_unreadable += 1
+            return None
+        d = decide(payload, trust=trust, policy=self.policy, state=self.state, now=now)
+        c = self.counters
+        if d.pre_auth:
+            c.preauth_rejected += 1
+            self.accesslog.count_rejection(d.reason, now)
+            log.debug("dropped a message: %s (%s)", d.reason, d.detail)
+            return d
+        if d.reason is Reason.DUPLICATE:
+            c.duplicates += 1
+            return d
+        req = d.request
+        assert req is not None
+        self.replay.remember(req.jti, d.payload_sha256, req.exp, now=now)
+        c.decided += 1
+        c.last_decision = {"jti": req.jti, "iss": req.iss, "reason": str(d.reason), "at": format_utc(now)}
+        if d.reason is Reason.GRANTED:
+            assert d.granted is not None
+            delivery_id = b64url(secrets.token_bytes(16))
+            seq, digest = self.accesslog.append_decision(d, at=now, delivery_id=delivery_id)
+            job = DeliveryJob(req.jti, delivery_id, req.iss, req.recipient.to_jwk(),
+                              d.granted[0], d.granted[1], seq, digest)
+            self.outbox.add(job)
+            c.granted += 1
+            log.info("request %s from %s (case %s) granted: %s to %s", req.jti, req.iss, req.case,
+                     format_utc(d.granted[0]), format_utc(d.granted[1]))
+            self._deliveries.put(job)
+        elif d.reason is Reason.AWAITING_RESIDENT:
+            assert d.granted is not None
+            self.accesslog.append_decision(d, at=now)
+            self.approvals.hold(
+                raw=payload, jti=req.jti, iss=req.iss, sub=req.sub, case=req.case, purpose=req.purpose,
+                granted_start=d.granted[0], granted_end=d.granted[1], exp=req.exp, now=now,
+                extra={"recipient": req.recipient.to_jwk()},
+            )  # fmt: skip
+            c.held_for_approval += 1
+            log.info("request %s from %s (case %s) is waiting for your approval: doorbell-agent pending",
+                     req.jti, req.iss, req.case)
+        else:
+            self.accesslog.append_decision(d, at=now)
+            c.refused += 1
+            why = f" ({self.state.unsynced_why})" if d.reason is Reason.CLOCK_UNSYNCED else ""
+            log.info("request %s from %s refused: %s%s", req.jti, req.iss, d.reason, why)
+        return d
+
+    def _decision_loop(self) -> None:
+        assert self.transport is not None
+        next_chores = 0.0
+        while not self._stop.is_set():
+            msg = self.transport.get(timeout=0.5)
+            if msg is not None:
+                decision = None
+                try:
+                    decision = self.handle(msg.payload)
+                except Exception:  # a bug must not stop the agent from hearing the next request
+                    self.counters.handler_errors += 1
+                    log.exception("error while handling a request; it was not shared")
+                self.transport.ack(msg)
+                if self.on_decision:
+                    self.on_decision(decision)
+            if time.monotonic() >= next_chores:
+                next_chores = time.monotonic() + HOUSEKEEPING_S
+                self.chores()
+
+    def chores(self) -> None:
+        """Approvals the homeowner answered, expired approvals, log checkpoints, old replay entries."""
+        now = self.clock.now()
+        try:
+            for item in self.approvals.take_approved(now):
+                seq, digest = self.accesslog.append_event(item.jti, "approved", at=now)
+                job = DeliveryJob(item.jti, b64url(secrets.token_bytes(16)), item.iss, item.extra["recipient"],
+                                  item.granted_start, item.granted_end, seq, digest)
+                self.outbox.add(job)
+                log.info("request %s approved by you: delivering", item.jti)
+                self._deliveries.put(job)
+            for item in self.approvals.take_refusals(now):
+                self.accesslog.append_event(item.jti, item.state, at=now)
+                if item.state == "approval_expired":
+                    log.info("request %s expired before you answered it; nothing was shared", item.jti)
+            self.accesslog.checkpoint_if_due(now)
+            self.replay.purge(now)
+        except Exception:
+            log.exception("housekeeping failed; it will be tried again")
+
+    # ---- delivering
+
+    def _delivery_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self._deliveries.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            try:
+                self.deliver(job)
+            except Exception:
+                log.exception("delivery of request %s failed", job.jti)
+                self._finish(job, "delivery_failed", reason="internal error")
+
+    def deliver(self, job: DeliveryJob) -> str:
+        """Cut, seal and publish one granted clip; returns how it ended."""
+        if self.killswitch.engaged:
+            return self._finish(job, "delivery_cut", chunks_sent=0, reason="kill switch engaged before the first chunk")
+        sealed_state = self.outbox.sealed(job.jti)
+        clip_path = self.outbox.clip_path(job.jti)
+        if sealed_state is None or not clip_path.exists():
+            s_us, e_us = to_us(job.granted_start), to_us(job.granted_end)
+            try:
+                info = cut_clip(self.store.overlapping(s_us, e_us), s_us, e_us, clip_path)
+            except (NoFootageError, ClipError) as exc:
+                return self._finish(job, "delivery_failed", reason=f"footage no longer readable: {exc}")
+            with open(clip_path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as clip:
+                sealed = seal_delivery(
+                    memoryview(clip), jti=job.jti, recipient_jwk=job.recipient, device_key=self.device_key,
+                    granted=(job.granted_start, job.granted_end), frames=info.frames, width=info.width,
+                    height=info.height, log_seq=job.log_seq, log_hash=job.log_hash, now=self.clock.now(),
+                    delivery_id=job.delivery_id,
+                )  # fmt: skip
+                self.outbox.save_sealed(job.jti, sealed.resume_state())
+                return self._publish(job, sealed)
+        with open(clip_path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as clip:
+            return self._publish(job, resume_delivery(memoryview(clip), sealed_state))
+
+    def _publish(self, job: DeliveryJob, sealed: SealedDelivery) -> str:
+        total = sealed.chunk_count
+        sent = 0
+        deadline = time.monotonic() + self.delivery_give_up_s
+        for topic, payload in sealed.publications(self.root):
+            if self.killswitch.engaged:
+                log.warning("kill switch engaged: delivery of %s stopped after %d of %d chunks", job.jti, sent, total)
+                return self._finish(job, "delivery_cut", chunks_sent=sent, chunks=total)
+            while not self._send(topic, payload):
+                if self._stop.is_set():
+                    log.info("stopping with delivery %s unfinished; it resumes at the next start", job.jti)
+                    return "interrupted"
+                if time.monotonic() > deadline:
+                    return self._finish(job, "delivery_failed", chunks_sent=sent, chunks=total,
+                                        reason="the broker did not accept the delivery")
+                if self.killswitch.engaged:
+                    return self._finish(job, "delivery_cut", chunks_sent=sent, chunks=total)
+            if not topic.endswith("/manifest"):
+                sent += 1
+            if self.delivery_events:
+                self.delivery_events("sent", job, {"topic": topic, "chunks_sent": sent})
+        size = self.outbox.clip_path(job.jti).stat().st_size
+        return self._finish(job, "delivered", chunks=total, bytes=size)
+
+    def _send(self, topic: str, payload: bytes) -> bool:
+        if self.transport is None:
+            return True
+        if self.transport.publish(topic, payload, qos=1, timeout=10.0):
+            return True
+        self.transport.wait_ready(timeout=5.0)
+        return False
+
+    def _finish(self, job: DeliveryJob, event: str, **details: Any) -> str:
+        self.accesslog.append_event(job.jti, event, delivery_id=job.delivery_id, **details)
+        counter = {"delivered": "delivered", "delivery_cut": "delivery_cut"}.get(event, "delivery_failed")
+        setattr(self.counters, counter, getattr(self.counters, counter) + 1)
+        if event == "delivered":
+            log.info("request %s: delivered %s bytes in %s chunks", job.jti, details.get("bytes"), details.get("chunks"))
+        elif event == "delivery_failed":
+            log.warning("request %s: delivery failed (%s)", job.jti, details.get("reason"))
+        self.outbox.remove(job.jti)
+        if self.delivery_events:
+            self.delivery_events(event, job, details)
+        return event
+
+    # ---- status
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"counters": self.counters.__dict__.copy(), "pending_deliveries": self._deliveries.qsize()}
+        if self.transport is not None:
+            out["transport"] = self.transport.status()
+        out["trust_store_error"] = self.trust.error
+        return out
+
+
+def start_service(cfg: AgentConfig) -> RequestService:
+    """The ``run`` component: connect to the broker and serve requests."""
+    policy = cfg.require_policy()
+    mqtt_cfg = cfg.require_mqtt()
+    key = DeviceKey.load_or_create(cfg.paths.device_key_file)
+    transport = MqttTransport(mqtt_cfg, lat=policy.location.lat, lon=policy.location.lon,
+                              client_id=default_client_id(key.kid))
+    log.info("listening for requests on %s:%d, topic %s", mqtt_cfg.host, mqtt_cfg.port, transport.subscription)
+    svc = RequestService(cfg, transport=transport, device_key=key)
+    svc.start()
+    return svc

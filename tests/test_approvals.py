@@ -1,0 +1,160 @@
+"""Held requests: the resident answers with the real CLI; the service takes each answer exactly once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from agent.approvals import DECLINED, EXPIRED, GRANTED, ApprovalQueue, PendingApproval
+from agent.config import load_config
+
+POLICY = """
+[policy]
+program = "jackson-ms/camera-pilot-2026"
+location = { lat = 32.29876, lon = -90.18481 }
+timezone = "America/Chicago"
+approval = "ask"
+
+[policy.consent]
+start = 2026-01-01T00:00:00Z
+end = 2030-01-01T00:00:00Z
+"""
+
+
+def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent", "--config", str(config), *args], capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.fixture
+def setup(write_config) -> tuple[Path, ApprovalQueue]:
+    path = write_config(POLICY)
+    return path, ApprovalQueue(load_config(path).paths.state_db)
+
+
+def hold(q: ApprovalQueue, n: int, *, expires_in: float = 600, case: str = "2026-001234") -> PendingApproval:
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    # 2026-11-26 20:00 UTC is 14:00 in Chicago (CST).
+    start = datetime(2026, 11, 26, 20, 0, tzinfo=timezone.utc)
+    return q.hold(
+        raw=b"eyJhbGciOiJFZDI1NTE5In0.payload.sig-%d" % n,
+        jti=f"request-jti-{n:06d}-abcdef",
+        iss="jackson-pd",
+        sub="Det. R. Alvarez",
+        case=case,
+        purpose="Package theft reported on Elm Street",
+        granted_start=start,
+        granted_end=start + timedelta(minutes=20),
+        exp=int((now + timedelta(seconds=expires_in)).timestamp()),
+        now=now - timedelta(minutes=1),
+    )
+
+
+def test_pending_lists_held_requests_in_plain_words(setup) -> None:
+    config, q = setup
+    empty = cli(config, "pending")
+    assert empty.returncode == 0 and "No requests are waiting" in empty.stdout
+
+    item = hold(q, 1)
+    assert hold(q, 1).id == item.id, "holding the same jti twice must not make a second entry"
+    out = cli(config, "pending")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert f"Request {item.id}:" in text
+    for words in ("jackson-pd", "Det. R. Alvarez", "2026-001234", "Package theft reported on Elm Street",
+                  "2026-11-26 14:00:00 CST to 14:20:00 CST (20 minutes)", f"doorbell-agent approve {item.id}"):
+        assert words in text
+    assert "answer within 10 minutes" in text or "answer within 9 minutes" in text
+
+    data = json.loads(cli(config, "pending", "--json").stdout)
+    assert [p["id"] for p in data["pending"]] == [item.id]
+    assert data["pending"][0]["window"] == {"start": "2026-11-26T20:00:00Z", "end": "2026-11-26T20:20:00Z"}
+
+
+def test_approve_is_taken_exactly_once(setup) -> None:
+    config, q = setup
+    item = hold(q, 1)
+    out = cli(config, "approve", str(item.id))
+    assert out.returncode == 0, out.stderr
+    assert f"Approved request {item.id} from jackson-pd" in out.stdout and "20 minutes" in out.stdout
+
+    claimed: list[list[PendingApproval]] = []
+    barrier = threading.Barrier(4)
+
+    def take() -> None:
+        barrier.wait(timeout=10)
+        claimed.append(ApprovalQueue(q.path).take_approved(datetime.now(timezone.utc)))
+
+    threads = [threading.Thread(target=take) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    got = [i for batch in claimed for i in batch]
+    assert len(claimed) == 4 and [i.jti for i in got] == [item.jti]
+    assert got[0].raw == item.raw
+    assert q.get(item.id).state == GRANTED
+    assert q.take_approved(datetime.now(timezone.utc)) == []
+
+    again = cli(config, "approve", str(item.id))
+    assert again.returncode == 2 and "already approved" in again.stderr and "nothing changed" in again.stderr
+    assert cli(config, "decline", str(item.id)).returncode == 2
+    assert "No requests are waiting" in cli(config, "pending").stdout
+
+
+def test_decline_is_reported_once_and_nothing_is_delivered(setup) -> None:
+    config, q = setup
+    item = hold(q, 2)
+    out = cli(config, "decline", f"#{item.id}")
+    assert out.returncode == 0, out.stderr
+    assert "Declined request" in out.stdout and "Nothing was shared" in out.stdout
+
+    now = datetime.now(timezone.utc)
+    assert q.take_approved(now) == []
+    refused = q.take_refusals(now)
+    assert [(i.id, i.state) for i in refused] == [(item.id, DECLINED)]
+    assert q.take_refusals(now) == []
+
+    late = cli(config, "approve", str(item.id))
+    assert late.returncode == 2 and "already declined" in late.stderr
+
+
+def test_expired_request_cannot_be_approved(setup) -> None:
+    config, q = setup
+    stale = hold(q, 3, expires_in=-5)
+    live = hold(q, 4)
+    listing = json.loads(cli(config, "pending", "--json").stdout)
+    assert [p["id"] for p in listing["pending"]] == [live.id]
+
+    out = cli(config, "approve", str(stale.id))
+    assert out.returncode == 2
+    assert f"request {stale.id} expired at" in out.stderr and "nothing was shared" in out.stderr
+    assert "Traceback" not in out.stderr
+
+    now = datetime.now(timezone.utc)
+    assert q.take_approved(now) == []
+    assert [(i.id, i.state) for i in q.take_refusals(now)] == [(stale.id, EXPIRED)]
+
+
+def test_unanswered_request_expires_for_the_service(setup) -> None:
+    _, q = setup
+    item = hold(q, 5, expires_in=60)
+    assert q.take_refusals(datetime.now(timezone.utc)) == []
+    later = datetime.now(timezone.utc) + timedelta(seconds=61)
+    assert [(i.id, i.state) for i in q.take_refusals(later)] == [(item.id, EXPIRED)]
+    assert q.take_refusals(later) == []
+
+
+def test_unknown_or_mistyped_id_is_a_clear_error(setup) -> None:
+    config, _ = setup
+    unknown = cli(config, "approve", "99")
+    assert unknown.returncode == 2 and "no request with ID 99" in unknown.stderr
+    typo = cli(config, "decline", "seven")
+    assert typo.returncode == 2 and "'seven' is not a request ID" in typo.stderr

@@ -1,0 +1,200 @@
+"""The segment index against real segment files and a real SQLite database."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import datetime, timezone
+from pathlib import Path
+
+import av
+import pytest
+
+from agent.config import BufferConfig
+from agent.segmentfile import EncoderSettings, open_encoder_stream
+from agent.segments import SegmentStore
+from agent.timeutil import to_us
+from agent.capture.synthetic import SyntheticSource
+from tests.buffer_helpers import FPS, FRAME_US, H, W, decoded_frames, now_us, stamp, write_segment
+
+HOUR_US = 3600 * 1_000_000
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SegmentStore:
+    s = SegmentStore(tmp_path / "buffer.sqlite", tmp_path / "segments")
+    yield s
+    s.close()
+
+
+def add(store: SegmentStore, start_us: int, frames: int = 30):
+    return store.add(write_segment(store.new_segment_path(start_us), start_us, frames))
+
+
+def disk_segments(store: SegmentStore) -> set[Path]:
+    return {p for p in store.segments_dir.rglob("*") if p.is_file()}
+
+
+def test_new_segment_path_is_hourly_and_named_by_start(store: SegmentStore) -> None:
+    start = to_us(datetime(2026, 12, 3, 16, 30, 45, 123456, tzinfo=timezone.utc))
+    assert store.new_segment_path(start) == store.segments_dir / "20261203T16" / f"{start}.mp4"
+
+
+def test_added_segments_are_found_by_time_with_absolute_paths(store: SegmentStore) -> None:
+    t0 = now_us() - 60_000_000
+    recs = [add(store, t0 + i * 2_000_000) for i in range(3)]  # 30 frames at 15 fps = 2 s each
+    found = store.overlapping(t0 + 2_500_000, t0 + 4_500_000)
+    assert [r.start_us for r in found] == [t0 + 2_000_000, t0 + 4_000_000]
+    assert all(r.path.is_absolute() and r.path.is_file() for r in found)
+    assert found[0].frames == 30 and found[0].end_us == t0 + 4_000_000 and found[0].sha256 == recs[1].sha256
+    # The index stores paths relative to segments_dir, so the data directory can move.
+    with sqlite3.connect(store.buffer_db) as db:
+        assert all(not Path(p).is_absolute() for (p,) in db.execute("SELECT path FROM segments"))
+    # A window touching only the end boundary holds nothing from that segment.
+    assert store.overlapping(t0 + 6_000_000, t0 + 7_000_000) == []
+
+
+def test_spans_merge_touching_segments_and_keep_holes(store: SegmentStore) -> None:
+    t0 = now_us() - 120_000_000
+    add(store, t0)
+    add(store, t0 + 2_000_000 + FRAME_US)  # one frame missing between them: still continuous
+    second_end = t0 + 4_000_000 + FRAME_US
+    later = second_end + 10_000_000  # a 10 s hole
+    add(store, later)
+    store.add_gap(second_end, later, "camera unavailable (camera unplugged)")
+    assert store.spans(t0 - 5_000_000, later + 60_000_000) == [(t0, second_end), (later, later + 2_000_000)]
+    # Intersected with the asked interval.
+    assert store.spans(t0 + 1_000_000, later + 1_000_000) == [(t0 + 1_000_000, second_end), (later, later + 1_000_000)]
+    assert store.spans(second_end + 1, later - 1) == []
+    s = store.summary()
+    assert (s.start_us, s.end_us, s.segments) == (t0, later + 2_000_000, 3)
+    assert s.recorded_us == (second_end - t0) + 2_000_000
+    assert s.total_bytes == sum(p.stat().st_size for p in disk_segments(store))
+    assert [(g.start_us, g.end_us, g.reason) for g in s.gaps] == [(second_end, later, "camera unavailable (camera unplugged)")]
+
+
+def test_retention_by_age_removes_rows_and_files_oldest_first(tmp_path: Path) -> None:
+    store = SegmentStore(tmp_path / "b.sqlite", tmp_path / "segments", buffer=BufferConfig(retention_hours=1))
+    now = now_us()
+    old = [add(store, now - 3 * HOUR_US + i * 2_000_000) for i in range(2)]
+    keep = add(store, now - HOUR_US + 60_000_000)
+    store.add_gap(old[1].end_us, keep.start_us, "recorder was not running")
+    assert store.enforce_retention(now - 4 * HOUR_US).evicted == 0  # nothing is old yet at that time
+    report = store.enforce_retention(now)
+    assert report.evicted == 2 and report.reasons == {"age": 2}
+    assert report.bytes_freed == sum(r.bytes for r in old)
+    assert [r.id for r in store.all()] == [keep.id]
+    assert disk_segments(store) == {keep.path}
+    assert not old[0].path.parent.exists() or old[0].path.parent == keep.path.parent
+    # The gap before the oldest footage explains nothing any more.
+    assert store.summary().gaps == []
+    # Time moves on: the last one goes too.
+    assert store.enforce_retention(now + HOUR_US).evicted == 1 and disk_segments(store) == set()
+
+
+def test_retention_by_total_bytes(tmp_path: Path) -> None:
+    store = SegmentStore(tmp_path / "b.sqlite", tmp_path / "segments")
+    t0 = now_us() - 60_000_000
+    recs = [add(store, t0 + i * 2_000_000) for i in range(5)]
+    # Room for about three segments (validation keeps real configs above 16 MB; the logic is the same).
+    limit = sum(r.bytes for r in recs[2:]) + 10
+    small = BufferConfig.model_construct(segment_seconds=4, retention_hours=72, max_bytes=limit, min_free_bytes=0)
+    report = store.enforce_retention(now_us(), small)
+    assert report.reasons == {"size": 2}
+    assert [r.start_us for r in store.all()] == [r.start_us for r in recs[2:]]
+    assert sum(r.bytes for r in store.all()) <= limit
+    assert disk_segments(store) == {r.path for r in recs[2:]}
+
+
+def test_retention_keeps_free_space(tmp_path: Path) -> None:
+    segdir = tmp_path / "segments"
+    capacity = {"free": 0}
+
+    def disk_free(_path: Path) -> int:  # a small disk: free space falls as segment files are written
+        return capacity["free"] - sum(p.stat().st_size for p in segdir.rglob("*") if p.is_file())
+
+    store = SegmentStore(tmp_path / "b.sqlite", segdir, disk_free=disk_free)
+    t0 = now_us() - 60_000_000
+    recs = [add(store, t0 + i * 2_000_000) for i in range(4)]
+    used = sum(r.bytes for r in recs)
+    guard = BufferConfig.model_construct(segment_seconds=4, retention_hours=72, max_bytes=10**12,
+                                         min_free_bytes=100_000)
+    capacity["free"] = used + 100_000  # exactly at the guard: nothing to do
+    assert store.enforce_retention(now_us(), guard).evicted == 0
+    capacity["free"] = used + 100_000 - recs[0].bytes - 1  # one byte short of room for the oldest
+    report = store.enforce_retention(now_us(), guard)
+    assert report.reasons == {"free space": 2}
+    assert disk_free(segdir) >= 100_000
+    assert [r.id for r in store.all()] == [r.id for r in recs[2:]] and disk_segments(store) == {r.path for r in recs[2:]}
+
+
+def test_reconcile_drops_rows_whose_file_is_missing(store: SegmentStore) -> None:
+    t0 = now_us() - 60_000_000
+    a, b = add(store, t0), add(store, t0 + 2_000_000)
+    b.path.unlink()
+    report = store.reconcile()
+    assert report.dropped_rows == [b.path] and not report.removed_orphans
+    assert [r.id for r in store.all()] == [a.id]
+
+
+def test_reconcile_indexes_an_orphan_that_plays_and_removes_one_that_does_not(store: SegmentStore) -> None:
+    t0 = now_us() - 60_000_000
+    good = write_segment(store.new_segment_path(t0), t0, 30)  # finished but never indexed (crash before add)
+    bad_start = t0 + 2_000_000
+    bad = write_segment(store.new_segment_path(bad_start), bad_start, 30)
+    with open(bad.path, "r+b") as fh:  # a damaged file: its index (moov) is cut off
+        fh.truncate(bad.bytes // 2)
+    stray = store.segments_dir / "notes.txt"
+    stray.write_text("not a segment")
+    report = store.reconcile()
+    assert report.indexed_orphans == [good.path]
+    assert report.removed_orphans == [bad.path] and not bad.path.exists()
+    assert report.ignored == [stray] and stray.exists()
+    [rec] = store.all()
+    assert (rec.start_us, rec.end_us, rec.frames, rec.bytes, rec.sha256) == (
+        good.start_us, good.end_us, good.frames, good.bytes, good.sha256)
+    assert store.reconcile().changed is False  # a second pass finds nothing to do
+
+
+def test_reconcile_removes_an_unfinished_plain_mp4_part(store: SegmentStore) -> None:
+    t0 = now_us() - 60_000_000
+    info = write_segment(store.new_segment_path(t0), t0, 30)
+    part = info.path.with_name(info.path.name + ".part")
+    data = info.path.read_bytes()
+    info.path.unlink()
+    part.write_bytes(data[: len(data) * 2 // 3])  # killed mid-write: no moov at the end
+    report = store.reconcile()
+    assert report.removed_parts == [part] and not part.exists()
+    assert store.all() == [] and disk_segments(store) == set()
+
+
+def test_reconcile_recovers_a_fragmented_part_up_to_its_last_complete_packet(store: SegmentStore) -> None:
+    """A .part whose packets can be read (a fragmented MP4) is kept up to the cut."""
+    t0 = now_us() - 60_000_000
+    final = store.new_segment_path(t0)
+    final.parent.mkdir(parents=True)
+    part = final.with_name(final.name + ".part")
+    src = SyntheticSource(W, H, FPS, realtime=False, start_us=t0)
+    src.open()
+    with av.open(str(part), "w", format="mp4",
+                 options={"movflags": "frag_keyframe+empty_moov+default_base_moof"}) as c:
+        stream = open_encoder_stream(c, EncoderSettings("libx264", W, H, FPS))
+        for _ in range(60):
+            f = src.read()
+            vf = av.VideoFrame.from_ndarray(f.image, format="bgr24").reformat(format="yuv420p")
+            vf.pts = f.capture_us - t0
+            for pkt in stream.encode(vf):
+                c.mux(pkt)
+        for pkt in stream.encode(None):
+            c.mux(pkt)
+    size = part.stat().st_size
+    with open(part, "r+b") as fh:
+        fh.truncate(size * 3 // 4)  # the crash cut the last fragment
+    report = store.reconcile()
+    assert report.recovered_parts == [final] and not part.exists()
+    [rec] = store.all()
+    frames = decoded_frames(rec.path, rec.start_us)
+    assert 15 <= len(frames) < 60 and rec.frames == len(frames)
+    # Every recovered frame is the right picture at the right time.
+    assert [qr for _, qr in frames] == [stamp(us) for us, _ in frames]
+    assert [us for us, _ in frames] == [t0 + round(i * 1_000_000 / FPS) for i in range(len(frames))]
+    assert rec.end_us == frames[-1][0] + FRAME_US

@@ -1,0 +1,322 @@
+"""The agent over the wire: a real TLS Mosquitto with ACLs, a real buffer, the agency's reference client.
+
+What an agency engineer and a resident would check: a valid request gets a
+clip whose every frame lies in the granted window; a request the resident's
+rules refuse gets nothing published at all, and the log says why; a request
+sent while the agent was offline is decided when it comes back; the kill
+switch stops a delivery between chunks.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import av
+import pytest
+
+from agent.accesslog import AccessLog
+from agent.capture.synthetic import read_qr_time
+from agent.city import build_request, keygen, load_signing_key, open_delivery
+from agent.city.keys import SigningKey
+from agent.city.mqtt import BrokerSettings, MqttSession
+from agent.city.receive import DeliveryCollector
+from agent.city.requests import request_topics
+from agent.clock import FixedClock
+from agent.config import AgentConfig, load_config
+from agent.devicekey import DeviceKey
+from agent.geohash import encode, request_topic
+from agent.killswitch import KillSwitch
+from agent.policy import Decision
+from agent.segments import SegmentStore
+from agent.service import RequestService
+from agent.timeutil import parse_utc_z, to_us
+from agent.transport import MqttTransport
+from agent.trust import TrustStore
+from tests.broker import Broker, broker, broker_session  # noqa: F401 (fixtures)
+from tests.buffer_helpers import FPS, write_segment
+
+pytestmark = pytest.mark.slow
+UTC = timezone.utc
+HOME = (32.29876, -90.18481)
+PROGRAM = "jackson-ms/camera-pilot-2026"
+WAIT = 30.0
+
+
+@dataclass
+class Env:
+    cfg: AgentConfig
+    clock: FixedClock
+    key: DeviceKey
+    requester: SigningKey
+    broker: Broker
+    client_id: str
+    recorded: list[int]  # capture times of every recorded frame
+
+    def frames_in(self, start: datetime, end: datetime) -> list[int]:
+        return [t for t in self.recorded if to_us(start) <= t < to_us(end)]
+
+
+def _policy_toml(approval: str = "auto") -> str:
+    return f"""
+[buffer]
+segment_seconds = 4
+
+[policy]
+program = "{PROGRAM}"
+location = {{ lat = {HOME[0]}, lon = {HOME[1]} }}
+timezone = "America/Chicago"
+max_radius_m = 1000
+approval = "{approval}"
+
+[policy.consent]
+start = 2026-01-01T00:00:00Z
+end = 2030-01-01T00:00:00Z
+"""
+
+
+@pytest.fixture
+def env(tmp_path: Path, write_config, broker: Broker) -> Env:  # noqa: F811
+    now = datetime.now(UTC).replace(microsecond=0)
+    cfg = load_config(write_config(_policy_toml()))
+    client_id = f"agent-under-test-{tmp_path.name[-8:]}"
+    cfg = cfg.model_copy(update={"mqtt": broker.mqtt_config("agent", precision=4, client_id=client_id)})
+    keys = keygen(iss="jackson-pd", kid="jpd-test", out_dir=tmp_path / "city")
+    TrustStore.from_jwks(keys.public_jwks).save(cfg.paths.trust_file)
+    # 40 s of real H.264 ending 10 s before "now", in 4 s segments.
+    store = SegmentStore.from_config(cfg)
+    recorded: list[int] = []
+    start = to_us(now) - 50_000_000
+    for i in range(10):
+        seg_start = start + i * 4_000_000
+        info = write_segment(store.new_segment_path(seg_start), seg_start, 4 * FPS)
+        store.add(info)
+        recorded += [seg_start + round(n * 1_000_000 / FPS) for n in range(4 * FPS)]
+    store.close()
+    return Env(cfg, FixedClock(now), DeviceKey.load_or_create(cfg.paths.device_key_file),
+               load_signing_key(keys.private_path), broker, client_id, recorded)
+
+
+class Agent:
+    """The service under test, with events to wait on instead of sleeps."""
+
+    def __init__(self, env: Env) -> None:
+        self.decisions: queue.Queue[Decision | None] = queue.Queue()
+        self.events: queue.Queue[tuple[str, str, dict]] = queue.Queue()
+        loc = env.cfg.require_policy().location
+        self.transport = MqttTransport(env.cfg.require_mqtt(), lat=loc.lat, lon=loc.lon)
+        self.svc = RequestService(env.cfg, transport=self.transport, device_key=env.key, clock=env.clock)
+        self.svc.on_decision = self.decisions.put
+        self.svc.delivery_events = lambda event, job, details: self.events.put((event, job.jti, details))
+        self.svc.start()
+        assert self.transport.wait_ready(WAIT), self.transport.last_error
+
+    def next_decision(self) -> Decision | None:
+        return self.decisions.get(timeout=WAIT)
+
+    def wait_delivery_end(self, jti: str) -> tuple[str, dict]:
+        while True:
+            event, got, details = self.events.get(timeout=WAIT)
+            if got == jti and event != "sent":
+                return event, details
+
+    def stop(self) -> None:
+        self.svc.stop()
+        assert self.svc.wait(WAIT)
+
+
+@pytest.fixture
+def agents(env: Env) -> Iterator[list[Agent]]:
+    started: list[Agent] = []
+    yield started
+    for a in started:
+        if a.svc._threads:
+            a.stop()
+
+
+class Agency:
+    """The city side, built from the reference client library."""
+
+    def __init__(self, env: Env, name: str) -> None:
+        cred = env.broker.credentials["agency"]
+        settings = BrokerSettings(host=env.broker.host, port=env.broker.port, ca_file=env.broker.ca_file,
+                                  cert_file=cred.cert_file, key_file=cred.key_file,
+                                  username=cred.username, password=cred.password)
+        self.session = MqttSession(settings, client_id=f"city-{name}", clean_start=True, session_expiry_s=300)
+        self.session.connect()
+        self.session.subscribe(f"{env.broker.root}/v1/deliveries/#")
+        self.env = env
+
+    def request(self, *, lat: float = HOME[0] + 0.001, lon: float = HOME[1] + 0.001, radius_m: float = 300,
+                window: tuple[datetime, datetime] | None = None, signer: SigningKey | None = None,
+                jti: str | None = None, purpose: str = "Burglary reported on this block."):
+        now = self.env.clock.now()
+        start, end = window or (now - timedelta(seconds=40), now - timedelta(seconds=30))
+        return build_request(requester=signer or self.env.requester, program=PROGRAM, officer="badge-4471",
+                             case="JPD-2026-001234", purpose=purpose, basis="consent", lat=lat, lon=lon,
+                             radius_m=radius_m, window_start=start, window_end=end, now=now, jti=jti)
+
+    def publish(self, built, topics: list[str] | None = None) -> None:
+        for topic in topics or request_topics(self.env.broker.root, *HOME, 300):
+            self.session.publish(topic, built.message, expiry_s=600)
+
+    def collect(self, jti: str) -> tuple[DeliveryCollector, list[str]]:
+        """Every delivery message for ``jti`` until one delivery is complete."""
+        collector = DeliveryCollector(self.env.broker.root, jti)
+        seen: list[str] = []
+        while True:
+            msg = self.session.next_message(WAIT)
+            assert msg is not None, f"no complete delivery for {jti}; got {seen}"
+            seen.append(msg.topic)
+            pending = collector.add(msg.topic, msg.payload)
+            if pending is not None and pending.complete and pending.manifest:
+                return collector, seen
+
+    def close(self) -> None:
+        self.session.close()
+
+
+@pytest.fixture
+def agency(env: Env) -> Iterator[Agency]:
+    a = Agency(env, "jpd")
+    yield a
+    a.close()
+
+
+def home_topic(env: Env) -> str:
+    return request_topic(env.broker.root, encode(*HOME, 5))
+
+
+def log_reasons(env: Env) -> list[tuple[str, str]]:
+    with AccessLog(env.cfg.paths.state_db) as alog:
+        return [(e.jti, e.outcome) for e in alog.entries()]
+
+
+def test_valid_request_delivers_exactly_the_granted_frames(env: Env, agents: list[Agent], agency: Agency) -> None:
+    agents.append(agent := Agent(env))
+    built = agency.request()
+    agency.publish(built)
+    collector, _ = agency.collect(built.jti)
+    (pending,) = [p for p in collector.pending.values() if p.complete]
+    opened = open_delivery(pending.manifest, pending.chunks, built.recipient_private, built.jti)
+
+    start, end = opened.granted
+    assert (start, end) == (env.clock.now() - timedelta(seconds=40), env.clock.now() - timedelta(seconds=30))
+    clip = env.cfg.paths.data_dir / "received.mp4"
+    clip.write_bytes(opened.clip)
+    with av.open(str(clip)) as container:
+        stamps = [read_qr_time(f.to_ndarray(format="bgr24")) for f in container.decode(video=0)]
+    assert None not in stamps
+    times = [to_us(parse_utc_z(s)) for s in stamps]
+    assert all(to_us(start) <= t < to_us(end) for t in times)
+    # Every recorded frame in the window, each exactly once (QR text has millisecond precision).
+    assert [t // 1000 for t in times] == [t // 1000 for t in env.frames_in(start, end)]
+    assert opened.claims["log"]["seq"] == 1
+    assert agent.wait_delivery_end(built.jti)[0] == "delivered"
+    assert log_reasons(env) == [(built.jti, "granted"), (built.jti, "delivered")]
+
+
+def test_refused_and_forged_requests_publish_nothing(env: Env, agents: list[Agent], agency: Agency,
+                                                    tmp_path: Path) -> None:
+    agents.append(agent := Agent(env))
+    # A request for an incident 5 km away, sent (wrongly) to this camera's cell.
+    far = agency.request(lat=HOME[0] + 0.045, lon=HOME[1])
+    agency.publish(far, [home_topic(env)])
+    assert agent.next_decision().reason == "outside_geofence"
+    # A request signed by a key the resident never imported.
+    stranger = keygen(iss="jackson-pd", kid="stranger", out_dir=tmp_path / "stranger")
+    forged = agency.request(signer=load_signing_key(stranger.private_path))
+    agency.publish(forged, [home_topic(env)])
+    assert agent.next_decision().reason == "unknown_key"
+    # A valid request afterwards: its delivery is the first and only thing published.
+    good = agency.request()
+    agency.publish(good, [home_topic(env)])
+    _, topics = agency.collect(good.jti)
+    assert all(f"/deliveries/{good.jti}/" in t for t in topics)
+    assert log_reasons(env)[:2] == [(far.jti, "outside_geofence"), (good.jti, "granted")]
+    with AccessLog(env.cfg.paths.state_db) as alog:
+        assert {r["reason"]: r["count"] for r in alog.rejection_counts()} == {"unknown_key": 1}
+
+
+def test_replay_after_restart_is_refused_and_duplicates_ignored(env: Env, agents: list[Agent],
+                                                                agency: Agency) -> None:
+    agents.append(first := Agent(env))
+    original = agency.request()
+    agency.publish(original, [home_topic(env)])
+    agency.collect(original.jti)
+    assert first.wait_delivery_end(original.jti)[0] == "delivered"
+    first.stop()
+
+    agents.append(second := Agent(env))
+    agency.publish(original, [home_topic(env)])  # the identical message again: a duplicate
+    assert second.next_decision().reason == "duplicate"
+    replay = agency.request(jti=original.jti, purpose="Same id, different request.")
+    agency.publish(replay, [home_topic(env)])
+    assert second.next_decision().reason == "replayed"
+    sentinel = agency.request()
+    agency.publish(sentinel, [home_topic(env)])
+    _, topics = agency.collect(sentinel.jti)
+    assert all(f"/deliveries/{sentinel.jti}/" in t for t in topics)
+    reasons = log_reasons(env)
+    assert (original.jti, "replayed") in reasons
+    assert reasons.count((original.jti, "granted")) == 1
+
+
+def test_request_sent_while_agent_offline_is_decided_on_reconnect(env: Env, agents: list[Agent],
+                                                                  agency: Agency) -> None:
+    agents.append(first := Agent(env))  # establishes the persistent session and its subscription
+    first.stop()
+    built = agency.request()
+    agency.publish(built)
+    agents.append(second := Agent(env))
+    assert second.transport.session_present is True
+    assert second.next_decision().reason == "granted"
+    agency.collect(built.jti)
+    assert second.wait_delivery_end(built.jti)[0] == "delivered"
+
+
+def test_kill_switch_during_delivery_stops_further_chunks(env: Env, agents: list[Agent], agency: Agency) -> None:
+    agents.append(agent := Agent(env))
+    switch = KillSwitch(env.cfg.paths.killswitch_file)
+    chunk_sent = threading.Event()
+
+    def on_event(event: str, job, details: dict) -> None:  # type: ignore[no-untyped-def]
+        agent.events.put((event, job.jti, details))
+        if event == "sent" and details["chunks_sent"] == 1:
+            switch.engage("test: homeowner pressed the button")
+            chunk_sent.set()
+
+    agent.svc.delivery_events = on_event
+    now = env.clock.now()
+    built = agency.request(window=(now - timedelta(seconds=48), now - timedelta(seconds=12)))
+    agency.publish(built, [home_topic(env)])
+    event, details = agent.wait_delivery_end(built.jti)
+    assert chunk_sent.is_set()
+    assert event == "delivery_cut"
+    assert details["chunks_sent"] == 1 and details["chunks"] > 1
+    assert agent.transport.counters()["published"] == 2  # the manifest and one chunk, nothing after
+    assert log_reasons(env)[-1] == (built.jti, "delivery_cut")
+
+
+def test_ask_approval_delivers_only_after_the_resident_approves(env: Env, agents: list[Agent],
+                                                               write_config, agency: Agency) -> None:
+    from agent.approvals import ApprovalQueue
+
+    cfg = load_config(write_config(_policy_toml("ask")))
+    env.cfg = cfg.model_copy(update={"mqtt": env.cfg.mqtt})
+    agents.append(agent := Agent(env))
+    built = agency.request()
+    agency.publish(built, [home_topic(env)])
+    assert agent.next_decision().reason == "awaiting_resident"
+    queue_ = ApprovalQueue(env.cfg.paths.state_db)
+    (held,) = queue_.pending(env.clock.now())
+    assert held.jti == built.jti
+    queue_.approve(held.id, env.clock.now())
+    agency.collect(built.jti)
+    assert agent.wait_delivery_end(built.jti)[0] == "delivered"
+    assert [r for j, r in log_reasons(env) if j == built.jti] == ["awaiting_resident", "approved", "delivered"]
+
