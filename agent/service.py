@@ -44,7 +44,9 @@ from agent.clock import ClockSource, SystemClock
 from agent.config import AgentConfig
 from agent.delivery import SealedDelivery, resume_delivery, seal_delivery
 from agent.devicekey import DeviceKey, b64url
+from agent.geohash import subscription_filter
 from agent.killswitch import KillSwitch, write_atomically
+from agent.recorder import read_status, write_json_atomic
 from agent.policy import Decision, Policy, Reason, decide
 from agent.replay import ReplayMemory
 from agent.segments import SegmentStore
@@ -56,6 +58,8 @@ log = logging.getLogger("agent.service")
 
 UTC = timezone.utc
 HOUSEKEEPING_S = 1.0
+STATUS_INTERVAL_S = 5.0
+STATUS_FILE = "service-status.json"
 DELIVERY_GIVE_UP_S = 3600.0
 """A delivery the broker will not take for this long is abandoned (and logged as failed)."""
 
@@ -352,7 +356,7 @@ class RequestService:
 
     def _decision_loop(self) -> None:
         assert self.transport is not None
-        next_chores = 0.0
+        next_chores = next_status = 0.0
         while not self._stop.is_set():
             msg = self.transport.get(timeout=0.5)
             if msg is not None:
@@ -368,6 +372,9 @@ class RequestService:
             if time.monotonic() >= next_chores:
                 next_chores = time.monotonic() + HOUSEKEEPING_S
                 self.chores()
+            if time.monotonic() >= next_status:
+                next_status = time.monotonic() + STATUS_INTERVAL_S
+                self.write_status()
 
     def chores(self) -> None:
         """Approvals the homeowner answered, expired approvals, log checkpoints, old replay entries."""
@@ -481,14 +488,93 @@ class RequestService:
         out["trust_store_error"] = self.trust.error
         return out
 
+    def write_status(self) -> None:
+        try:
+            write_json_atomic(self.cfg.paths.data_dir / STATUS_FILE,
+                              {**self.status(), "pid": os.getpid(), "updated_us": to_us(datetime.now(UTC)),
+                               "status_interval_s": STATUS_INTERVAL_S})
+        except OSError as exc:
+            log.warning("cannot write the service status file: %s", exc)
+
+
+def sharing_status(cfg: AgentConfig, now: datetime | None = None) -> dict[str, Any]:
+    """What ``status`` shows about sharing: read from disk, so it works while ``run`` is in another process."""
+    now = now or datetime.now(UTC)
+    out: dict[str, Any] = {"enabled": cfg.policy is not None and cfg.mqtt is not None}
+    ks = KillSwitch(cfg.paths.killswitch_file).state()
+    out["kill_switch"] = {"engaged": ks.engaged, "reason": ks.reason}
+    ok, why = SystemClock.from_config(cfg).synced()
+    out["clock"] = {"synced": ok, "why": why}
+    try:
+        trust = TrustStore.load(cfg.paths.trust_file, missing_ok=True)
+        out["trust"] = {"keys": len(trust), "usable": sum(1 for k in trust if k.valid_at(now)), "error": None}
+    except TrustStoreError as exc:
+        out["trust"] = {"keys": 0, "usable": 0, "error": str(exc)}
+    if cfg.paths.state_db.exists():
+        out["pending_approvals"] = len(ApprovalQueue(cfg.paths.state_db).pending(now))
+    else:
+        out["pending_approvals"] = 0
+    if cfg.mqtt is not None:
+        out["broker"] = {"host": cfg.mqtt.host, "port": cfg.mqtt.port, "tls": cfg.mqtt.tls}
+    svc = read_status(cfg.paths.data_dir / STATUS_FILE)
+    if svc is not None:
+        age = (to_us(now) - int(svc.get("updated_us", 0))) / 1e6
+        svc["stale"] = age > 3 * STATUS_INTERVAL_S
+        svc["age_s"] = round(age, 1)
+    out["service"] = svc
+    return out
+
+
+def sharing_lines(data: dict[str, Any]) -> list[str]:
+    """``sharing_status`` in plain words for the homeowner."""
+    out = []
+    if not data["enabled"]:
+        return ["Sharing: OFF (no [policy] and [mqtt] in the configuration): footage never leaves this device."]
+    blockers = []
+    if data["kill_switch"]["engaged"]:
+        blockers.append(f"the kill switch is ON ({data['kill_switch']['reason']})")
+    if not data["clock"]["synced"]:
+        blockers.append(f"the clock is not known to be right ({data['clock']['why']})")
+    trust = data["trust"]
+    if trust["error"]:
+        blockers.append(f"the trust store cannot be read ({trust['error']})")
+    elif trust["usable"] == 0:
+        blockers.append("no agency key is trusted (doorbell-agent trust add FILE)")
+    if blockers:
+        out.append("Sharing: BLOCKED, nothing will be shared because " + "; and ".join(blockers) + ".")
+    else:
+        out.append(f"Sharing: allowed for signed requests that meet your rules ({trust['usable']} trusted agency key(s)).")
+    broker = data.get("broker")
+    if broker and not broker["tls"]:
+        out.append("  WARNING: the broker link is NOT encrypted (mqtt.tls = false).")
+    svc = data.get("service")
+    if svc is None:
+        out.append("  Request listener: not running (it starts with 'doorbell-agent run').")
+    elif svc.get("stale"):
+        out.append(f"  Request listener: not reporting for {svc['age_s']:.0f} s; the agent may have stopped.")
+    else:
+        t = svc.get("transport") or {}
+        c = svc.get("counters") or {}
+        state = "connected" if t.get("ready") else (t.get("state") or "unknown")
+        err = f" (last problem: {t['last_error']})" if t.get("last_error") and not t.get("ready") else ""
+        out.append(f"  Broker {t.get('broker', '?')}: {state}{err}.")
+        out.append(f"  Requests: {c.get('granted', 0)} granted, {c.get('refused', 0)} refused, "
+                   f"{c.get('held_for_approval', 0)} held for you, {c.get('preauth_rejected', 0)} unsigned or "
+                   f"malformed messages ignored; {c.get('delivered', 0)} deliveries completed.")
+    if data["pending_approvals"]:
+        out.append(f"  {data['pending_approvals']} request(s) wait for your answer: doorbell-agent pending")
+    return out
+
 
 def start_service(cfg: AgentConfig) -> RequestService:
     """The ``run`` component: connect to the broker and serve requests."""
     policy = cfg.require_policy()
     mqtt_cfg = cfg.require_mqtt()
     key = DeviceKey.load_or_create(cfg.paths.device_key_file)
+    subscription = subscription_filter(mqtt_cfg.root, policy.location.lat, policy.location.lon, mqtt_cfg.precision)
+    # The session hangs on the client id; a new filter (moved camera, new precision) gets a fresh session.
     transport = MqttTransport(mqtt_cfg, lat=policy.location.lat, lon=policy.location.lon,
-                              client_id=default_client_id(key.kid))
+                              client_id=default_client_id(key.kid, subscription))
     log.info("listening for requests on %s:%d, topic %s", mqtt_cfg.host, mqtt_cfg.port, transport.subscription)
     svc = RequestService(cfg, transport=transport, device_key=key)
     svc.start()

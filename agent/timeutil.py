@@ -53,7 +53,18 @@ def from_epoch(seconds: int | float) -> datetime:
     return datetime.fromtimestamp(seconds, tz=UTC)
 
 
+_display_zone: tzinfo | None = None
+
+
+def set_display_zone(tz: tzinfo | None) -> None:
+    """Show and read people's times in the resident's configured zone rather than the system's."""
+    global _display_zone
+    _display_zone = tz
+
+
 def local_zone() -> tzinfo:
+    if _display_zone is not None:
+        return _display_zone
     tz = datetime.now().astimezone().tzinfo
     assert tz is not None
     return tz

@@ -7,11 +7,18 @@ import json
 import sys
 from typing import Any
 
+from zoneinfo import ZoneInfo
+
 from agent.config import AgentConfig, load_config
+from agent.timeutil import set_display_zone
 
 
 def config_from(args: argparse.Namespace) -> AgentConfig:
-    return load_config(getattr(args, "config", None))
+    """Load the configuration; people's times are then shown in the resident's time zone."""
+    cfg = load_config(getattr(args, "config", None))
+    if cfg.policy is not None:
+        set_display_zone(ZoneInfo(cfg.policy.timezone))
+    return cfg
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:

@@ -195,7 +195,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = config_from(args)
     _log_to_stderr()
     log.info("doorbell-agent starting (pid %d)", os.getpid())
-    code = run_components(cfg, COMPONENTS)
+    starters = list(COMPONENTS)
+    if cfg.policy is not None and cfg.mqtt is not None:
+        from agent.service import start_service
+
+        starters.append(start_service)
+    else:
+        log.info("no [policy] and [mqtt] in the configuration: recording only, footage never leaves this device")
+    code = run_components(cfg, starters)
     log.info("stopped")
     return code
 
@@ -240,7 +247,9 @@ def gather_status(cfg: AgentConfig, now: int | None = None) -> dict[str, Any]:
             gaps=[{"start": format_utc(from_us(g.start_us), ms=True), "end": format_utc(from_us(g.end_us), ms=True),
                    "seconds": round((g.end_us - g.start_us) / 1e6, 3), "reason": g.reason} for g in s.gaps],
         )
-    return {"recorder": rec, "buffer": buf}
+    from agent.service import sharing_status
+
+    return {"recorder": rec, "buffer": buf, "sharing": sharing_status(cfg)}
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -284,6 +293,10 @@ def status_lines(data: dict[str, Any]) -> list[str]:
         out.append(f"Gaps ({len(buf['gaps'])}):")
         for g in buf["gaps"]:
             out.append(f"  {_local_z(g['start'])} to {_local_z(g['end'])} ({human_duration(g['seconds'])}): {g['reason']}")
+    if "sharing" in data:
+        from agent.service import sharing_lines
+
+        out.extend(sharing_lines(data["sharing"]))
     return out
 
 
