@@ -50,7 +50,8 @@ from typing import TYPE_CHECKING, BinaryIO, Literal, Protocol
 
 import av
 
-from agent.segmentfile import TIME_BASE, EncoderSettings, fsync_dir, open_encoder_stream
+from agent.fsutil import fsync_dir
+from agent.segmentfile import TIME_BASE, EncoderSettings, open_encoder_stream
 from agent.timeutil import format_utc, from_us
 
 if TYPE_CHECKING:

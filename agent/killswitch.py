@@ -17,13 +17,12 @@ the old state or the new one, never half a file.
 from __future__ import annotations
 
 import json
-import os
-import secrets
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from agent.fsutil import write_atomically
 from agent.timeutil import format_utc, parse_utc_z
 
 UTC = timezone.utc
@@ -118,31 +117,3 @@ class KillSwitch:
         body = json.dumps({"v": 1, "engaged": bool(engaged), "since": format_utc(when), "by": by}, sort_keys=True)
         write_atomically(self.path, (body + "\n").encode("utf-8"))
         return self.state()
-
-
-def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """temp file in the same directory, fsync, rename over, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)

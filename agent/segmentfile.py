@@ -31,6 +31,7 @@ import av
 import cv2
 
 from agent.capture import EncodedPacket, Frame
+from agent.fsutil import fsync_dir
 
 if TYPE_CHECKING:
     from av.video.stream import VideoStream
@@ -189,10 +190,3 @@ class SegmentFile:
             pass
         self.part_path.unlink(missing_ok=True)
 
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

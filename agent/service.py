@@ -45,7 +45,8 @@ from agent.config import AgentConfig
 from agent.delivery import SealedDelivery, resume_delivery, seal_delivery
 from agent.devicekey import DeviceKey, b64url
 from agent.geohash import subscription_filter
-from agent.killswitch import KillSwitch, write_atomically
+from agent.fsutil import write_atomically
+from agent.killswitch import KillSwitch
 from agent.recorder import read_status, write_json_atomic
 from agent.policy import Decision, Policy, Reason, decide
 from agent.replay import ReplayMemory

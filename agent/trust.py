@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -25,6 +24,7 @@ from typing import Any, Literal
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.errors import UserError
+from agent.fsutil import write_atomically
 from agent.jws import JwsError, b64url_decode, strict_json
 
 ROLES = ("requester", "oversight")
@@ -230,25 +230,7 @@ class TrustStore:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.to_jwks(), indent=2) + "\n"
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # public keys: readable by the resident's tools
-            os.replace(tmp, p)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        dir_fd = os.open(p.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomically(p, text.encode("utf-8"), 0o644)  # public keys: readable by the resident's tools
 
     # --- changing ---
 

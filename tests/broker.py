@@ -7,9 +7,7 @@ file made with ``mosquitto_passwd`` and an ACL file that gives agents read on
 ``{root}/v1/requests/#`` and write on ``{root}/v1/deliveries/#``, agencies the
 reverse.
 
-Use it from a test module with::
-
-    from tests.broker import broker, broker_session  # noqa: F401  (fixtures)
+The fixtures are registered for every test module in ``tests/conftest.py``::
 
     def test_x(broker: Broker) -> None:
         cfg = broker.mqtt_config("agent", precision=5)

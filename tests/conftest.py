@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.broker import broker, broker_session  # noqa: F401  (the real-Mosquitto fixtures, for every test module)
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 VECTORS = SHARED / "protocol" / "vectors-v1.json"
 DELIVERY_VECTOR = SHARED / "protocol" / "delivery-v1.json"

@@ -382,7 +382,7 @@ def test_cli_refuses_half_a_client_certificate(tmp_path: Path, capsys: pytest.Ca
 
 # --- over a real broker (tests/broker.py: Mosquitto with TLS, client certificates and ACLs) -----
 
-from tests.broker import Broker, PeerClient, broker, broker_session  # noqa: E402,F401  (fixtures)
+from tests.broker import Broker, PeerClient  # noqa: E402
 
 
 def _broker_flags(b: Broker) -> list[str]:

@@ -108,7 +108,7 @@ def test_metadata_maps_frames_to_wall_time(buf: Buffer, tmp_path: Path) -> None:
     info = check_clip(buf, start, start + 1_500_000, tmp_path / "c.mp4")
     with av.open(str(tmp_path / "c.mp4")) as c:
         meta = dict(c.metadata)
-    assert meta["comment"] == f"first-frame-utc=2026-11-20T14:00:05.066667Z"
+    assert meta["comment"] == "first-frame-utc=2026-11-20T14:00:05.066667Z"
     assert meta["creation_time"].startswith("2026-11-20T14:00:05")
     assert info.first_us == BASE_US + 5_066_667
 

@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import av
 import pytest
 
 from agent.segments import SegmentStore

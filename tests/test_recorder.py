@@ -8,7 +8,6 @@ from pathlib import Path
 
 import av
 import numpy as np
-import pytest
 
 from agent.capture import EncodedPacket, SourceEnded
 from agent.config import BufferConfig, CameraConfig

@@ -37,7 +37,7 @@ from agent.service import RequestService
 from agent.timeutil import parse_utc_z, to_us
 from agent.transport import MqttTransport
 from agent.trust import TrustStore
-from tests.broker import Broker, broker, broker_session  # noqa: F401 (fixtures)
+from tests.broker import Broker
 from tests.buffer_helpers import FPS, write_segment
 
 pytestmark = pytest.mark.slow
@@ -80,7 +80,7 @@ end = 2030-01-01T00:00:00Z
 
 
 @pytest.fixture
-def env(tmp_path: Path, write_config, broker: Broker) -> Env:  # noqa: F811
+def env(tmp_path: Path, write_config, broker: Broker) -> Env:
     now = datetime.now(UTC).replace(microsecond=0)
     cfg = load_config(write_config(_policy_toml()))
     client_id = f"agent-under-test-{tmp_path.name[-8:]}"

@@ -13,7 +13,7 @@ from agent import geohash
 from agent.config import MqttConfig
 from agent.errors import UserError
 from agent.transport import MAX_REQUEST_BYTES, ConnectionState, IncomingMessage, MqttTransport, default_client_id
-from tests.broker import Broker, PeerClient, broker, broker_session  # noqa: F401  (fixtures)
+from tests.broker import Broker, PeerClient
 
 HOME = (32.29876, -90.18481)  # Jackson, MS
 FAR = (40.71280, -74.00600)  # New York
