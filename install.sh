@@ -88,6 +88,9 @@ if [ -r /proc/device-tree/model ] && grep -qi "raspberry pi" /proc/device-tree/m
   pi_packages=(python3-picamera2 python3-lgpio)
 fi
 install_apt ffmpeg python3-venv ca-certificates "${pi_packages[@]}"
+# The system's own Python: the one apt's python3-picamera2 and python3-lgpio are built for, and one
+# the service user can run (a Python under a home directory may not be readable to it).
+PYTHON="${PYTHON:-/usr/bin/python3}"
 py="$(python_bin)"
 
 if ! id doorbell-agent >/dev/null 2>&1; then
@@ -97,13 +100,33 @@ if ! id doorbell-agent >/dev/null 2>&1; then
   getent group gpio >/dev/null && $SUDO usermod -aG gpio doorbell-agent || true
 fi
 
+if [ -x "$prefix/bin/python" ] && [ "$(readlink -f "$prefix/bin/python")" != "$(readlink -f "$py")" ]; then
+  say "rebuilding $prefix for $py"
+  $SUDO rm -rf "$prefix"
+fi
 if [ ! -x "$prefix/bin/python" ]; then
   say "creating $prefix (venv with system site packages)"
   $SUDO "$py" -m venv --system-site-packages "$prefix"
 fi
 say "installing doorbell-agent into $prefix"
 $SUDO "$prefix/bin/python" -m pip install -q --upgrade "$here"
-$SUDO ln -sf "$prefix/bin/doorbell-agent" /usr/local/bin/doorbell-agent
+# The command people type runs as the service user, so files it creates under $data keep the
+# owner the service needs (a root-owned SQLite journal would lock the service out of its own log).
+$SUDO tee /usr/local/bin/doorbell-agent >/dev/null <<'WRAPPER'
+#!/bin/sh
+# Installed by doorbell-agent's install.sh: runs doorbell-agent as its service user.
+config="${DOORBELL_AGENT_CONFIG:-/etc/doorbell-agent/agent.toml}"
+agent=/opt/doorbell-agent/bin/doorbell-agent
+if [ "$(id -un)" = doorbell-agent ]; then
+  exec env DOORBELL_AGENT_CONFIG="$config" "$agent" "$@"
+elif [ "$(id -u)" -eq 0 ]; then
+  exec runuser -u doorbell-agent -- env DOORBELL_AGENT_CONFIG="$config" "$agent" "$@"
+else
+  exec sudo -u doorbell-agent env DOORBELL_AGENT_CONFIG="$config" "$agent" "$@"
+fi
+WRAPPER
+$SUDO chmod 0755 /usr/local/bin/doorbell-agent
+$SUDO ln -sf "$prefix/bin/doorbell-city" /usr/local/bin/doorbell-city
 
 $SUDO install -d -m 0750 -o root -g doorbell-agent "$etc"
 $SUDO install -d -m 0700 -o doorbell-agent -g doorbell-agent "$data"
@@ -114,6 +137,7 @@ else
   say "keeping your configuration $etc/agent.toml"
 fi
 
+$SUDO install -m 0644 "$here/README.md" "$prefix/README.md"
 $SUDO install -m 0644 "$here/systemd/doorbell-agent.service" /etc/systemd/system/doorbell-agent.service
 if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
   $SUDO systemctl daemon-reload

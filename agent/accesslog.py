@@ -442,17 +442,22 @@ class AccessLog:
                 raise
         return seq, digest.hex()
 
-    def count_rejection(self, reason: str, at: datetime | None = None) -> None:
-        """Count a message that failed before authentication (one row per reason per UTC hour)."""
+    def count_rejection(self, reason: str, at: datetime | None = None, count: int = 1) -> None:
+        """Count messages that failed before authentication (one row per reason per UTC hour).
+
+        ``count`` lets a busy caller add up a burst in memory and write it once.
+        """
         reason = str(getattr(reason, "value", reason))
         if reason not in PRE_AUTH_REASONS:
             raise AccessLogError(f"{reason!r} is not a pre-authentication reason; log it with append()")
+        if type(count) is not int or count < 1:
+            raise AccessLogError("count must be a whole number of messages, at least 1")
         hour = format_utc((at or self._clock()).astimezone(UTC).replace(minute=0, second=0, microsecond=0))
         with self._lock:
             self._counters.execute(
-                "INSERT INTO preauth_counters (hour, reason, count) VALUES (?, ?, 1) "
-                "ON CONFLICT (hour, reason) DO UPDATE SET count = count + 1",
-                (hour, reason),
+                "INSERT INTO preauth_counters (hour, reason, count) VALUES (?, ?, ?) "
+                "ON CONFLICT (hour, reason) DO UPDATE SET count = count + excluded.count",
+                (hour, reason, count),
             )
 
     # ------------------------------------------------------------- checkpoints

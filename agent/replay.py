@@ -51,6 +51,8 @@ def connect_state_db(path: Path, *, synchronous: str = "FULL") -> sqlite3.Connec
     if str(mode).lower() != "wal":
         conn.close()
         raise sqlite3.OperationalError(f"cannot put {path} in WAL mode (got {mode})")
+    if synchronous not in ("FULL", "NORMAL"):
+        raise ValueError("synchronous must be FULL or NORMAL")
     conn.execute(f"PRAGMA synchronous = {synchronous}")
     return conn
 
@@ -68,10 +70,10 @@ def _epoch(value: int | float | datetime) -> int:
 class ReplayMemory:
     """``seen(jti)`` for the decision procedure; ``remember`` once a request is authenticated."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._conn = connect_state_db(self.path)
+        self._conn = connect_state_db(self.path, synchronous=synchronous)
         with self._lock:
             self._conn.executescript(_SCHEMA)
 

@@ -7,8 +7,9 @@ File format (the contract between the recorder, the index and the clip cutter):
   ``start_us`` (the first frame's capture time), in microseconds. So the
   capture time of any frame is ``start_us + pts``: exact, and independent of
   frame-rate jitter.
-- Written as ``<name>.mp4.part``, then fsynced, renamed to ``<name>.mp4`` and
-  the directory fsynced. A ``.part`` file is by definition unfinished.
+- Fragmented MP4 (a fragment per keyframe group), written as ``<name>.mp4.part``,
+  then fsynced, renamed to ``<name>.mp4`` and the directory fsynced. A ``.part``
+  file is by definition unfinished; its whole fragments can still be recovered.
 - Nothing rewrites a finished segment (SD cards wear with every write).
 
 Raw frames are encoded here, one encoder per segment: every segment then
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 
 TIME_BASE = Fraction(1, 1_000_000)
 PART_SUFFIX = ".part"
+FRAGMENTED = "frag_keyframe+empty_moov+default_base_moof"
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,9 @@ class SegmentFile:
         self.final_path = final_path
         self.part_path = final_path.with_name(final_path.name + PART_SUFFIX)
         final_path.parent.mkdir(parents=True, exist_ok=True)
-        self._container = av.open(str(self.part_path), "w", format="mp4")
+        # Fragmented MP4: each keyframe group is on disk as soon as the next one starts, so a
+        # segment cut short by a power cut can be recovered up to its last whole group.
+        self._container = av.open(str(self.part_path), "w", format="mp4", options={"movflags": FRAGMENTED})
         if settings is not None:
             self._stream = open_encoder_stream(self._container, settings)
             self._frame_us = settings.frame_us

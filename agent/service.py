@@ -31,6 +31,7 @@ import queue
 import secrets
 import threading
 import time
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -44,11 +45,11 @@ from agent.clock import ClockSource, SystemClock
 from agent.config import AgentConfig
 from agent.delivery import SealedDelivery, resume_delivery, seal_delivery
 from agent.devicekey import DeviceKey, b64url
-from agent.geohash import subscription_filter
 from agent.fsutil import write_atomically
+from agent.geohash import subscription_filter
 from agent.killswitch import KillSwitch
-from agent.recorder import read_status, write_json_atomic
 from agent.policy import Decision, Policy, Reason, decide
+from agent.recorder import read_status, write_json_atomic
 from agent.replay import ReplayMemory
 from agent.segments import SegmentStore
 from agent.timeutil import format_utc, from_us, parse_utc_z, to_us
@@ -61,6 +62,9 @@ UTC = timezone.utc
 HOUSEKEEPING_S = 1.0
 STATUS_INTERVAL_S = 5.0
 STATUS_FILE = "service-status.json"
+DELIVERY_WINDOW = 4
+"""Messages of a delivery awaiting their PUBACK at once: enough to fill the link, few enough that
+little is already on its way when the kill switch is pressed (at most 4 x 256 KiB)."""
 DELIVERY_GIVE_UP_S = 3600.0
 """A delivery the broker will not take for this long is abandoned (and logged as failed)."""
 
@@ -165,6 +169,17 @@ class DeliveryJob:
         )  # fmt: skip
 
 
+@dataclass
+class _InFlight:
+    topic: str
+    payload: bytes
+    mid: int | None = None
+
+    @property
+    def is_chunk(self) -> bool:
+        return not self.topic.endswith("/manifest")
+
+
 class Outbox:
     """``<data_dir>/outbox``: jobs, clips and sealed state of deliveries not yet finished (0700/0600)."""
 
@@ -250,7 +265,9 @@ class RequestService:
         self.clock = clock or SystemClock.from_config(cfg)
         paths = cfg.paths
         self.killswitch = KillSwitch(paths.killswitch_file)
-        self.replay = ReplayMemory(paths.state_db)
+        # Every remember() is followed by an access-log append on the same database, whose
+        # synchronous=FULL commit fsyncs the shared WAL and so makes the replay entry durable too.
+        self.replay = ReplayMemory(paths.state_db, synchronous="NORMAL")
         self.accesslog = AccessLog(paths.state_db, device_key=device_key, clock=self.clock.now)
         self.approvals = ApprovalQueue(paths.state_db)
         self.store = SegmentStore.from_config(cfg)
@@ -263,6 +280,7 @@ class RequestService:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
+        self._rejections: Counter[tuple[str, datetime]] = Counter()
         # Hooks for tests and status displays; they run on the worker threads, so keep them short.
         self.on_decision: Callable[[Decision | None], None] | None = None
         self.delivery_events: Callable[[str, DeliveryJob, dict[str, Any]], None] | None = None
@@ -294,6 +312,7 @@ class RequestService:
         if done and self._stop.is_set():
             if self.transport is not None:
                 self.transport.stop()
+            self.flush_rejections()
             for closer in (self.replay.close, self.accesslog.close, self.store.close):
                 closer()
             self._threads.clear()
@@ -314,8 +333,10 @@ class RequestService:
         d = decide(payload, trust=trust, policy=self.policy, state=self.state, now=now)
         c = self.counters
         if d.pre_auth:
+            # Counted in memory and written once a second by chores(): a flood costs no disk write per message.
             c.preauth_rejected += 1
-            self.accesslog.count_rejection(d.reason, now)
+            with self._lock:
+                self._rejections[(str(d.reason), now.replace(minute=0, second=0, microsecond=0))] += 1
             log.debug("dropped a message: %s (%s)", d.reason, d.detail)
             return d
         if d.reason is Reason.DUPLICATE:
@@ -392,10 +413,17 @@ class RequestService:
                 self.accesslog.append_event(item.jti, item.state, at=now)
                 if item.state == "approval_expired":
                     log.info("request %s expired before you answered it; nothing was shared", item.jti)
+            self.flush_rejections()
             self.accesslog.checkpoint_if_due(now)
             self.replay.purge(now)
         except Exception:
             log.exception("housekeeping failed; it will be tried again")
+
+    def flush_rejections(self) -> None:
+        with self._lock:
+            pending, self._rejections = self._rejections, Counter()
+        for (reason, hour), n in pending.items():
+            self.accesslog.count_rejection(reason, hour, count=n)
 
     # ---- delivering
 
@@ -436,36 +464,69 @@ class RequestService:
             return self._publish(job, resume_delivery(memoryview(clip), sealed_state))
 
     def _publish(self, job: DeliveryJob, sealed: SealedDelivery) -> str:
+        """Publish the manifest and chunks with up to DELIVERY_WINDOW messages awaiting their PUBACK.
+
+        The kill switch is read before each chunk is handed to the network: once it is on, no
+        further chunk leaves. On a broker outage the unacknowledged messages are handed over
+        again, byte for byte, after reconnecting.
+        """
         total = sealed.chunk_count
-        sent = 0
+        items = sealed.publications(self.root)
+        inflight: deque[_InFlight] = deque()
+        handed = acked = 0  # chunks (the manifest not counted)
         deadline = time.monotonic() + self.delivery_give_up_s
-        for topic, payload in sealed.publications(self.root):
-            if self.killswitch.engaged:
-                log.warning("kill switch engaged: delivery of %s stopped after %d of %d chunks", job.jti, sent, total)
-                return self._finish(job, "delivery_cut", chunks_sent=sent, chunks=total)
-            while not self._send(topic, payload):
-                if self._stop.is_set():
-                    log.info("stopping with delivery %s unfinished; it resumes at the next start", job.jti)
-                    return "interrupted"
-                if time.monotonic() > deadline:
-                    return self._finish(job, "delivery_failed", chunks_sent=sent, chunks=total,
-                                        reason="the broker did not accept the delivery")
+        exhausted = False
+        while True:
+            while not exhausted and len(inflight) < DELIVERY_WINDOW:
+                nxt = next(items, None)
+                if nxt is None:
+                    exhausted = True
+                    break
+                msg = _InFlight(*nxt)
+                if msg.is_chunk and self.delivery_events:
+                    self.delivery_events("handing", job, {"chunk": handed})
                 if self.killswitch.engaged:
-                    return self._finish(job, "delivery_cut", chunks_sent=sent, chunks=total)
-            if not topic.endswith("/manifest"):
-                sent += 1
-            if self.delivery_events:
-                self.delivery_events("sent", job, {"topic": topic, "chunks_sent": sent})
+                    log.warning("kill switch engaged: delivery of %s stopped after %d of %d chunks", job.jti, handed, total)
+                    return self._finish(job, "delivery_cut", chunks_sent=handed, chunks=total)
+                self._hand(msg)
+                inflight.append(msg)
+                if msg.is_chunk:
+                    handed += 1
+            if not inflight:
+                break
+            msg = inflight[0]
+            if self._acked(msg):
+                inflight.popleft()
+                if msg.is_chunk:
+                    acked += 1
+                if self.delivery_events:
+                    self.delivery_events("sent", job, {"topic": msg.topic, "chunks_sent": acked})
+                continue
+            # The broker did not take it: wait for the connection, then hand over again in order.
+            if self._stop.is_set():
+                log.info("stopping with delivery %s unfinished; it resumes at the next start", job.jti)
+                return "interrupted"
+            if time.monotonic() > deadline:
+                return self._finish(job, "delivery_failed", chunks_sent=acked, chunks=total,
+                                    reason="the broker did not accept the delivery")
+            if self.transport is not None:
+                self.transport.wait_ready(timeout=5.0)
+            for again in inflight:
+                self._hand(again)
         size = self.outbox.clip_path(job.jti).stat().st_size
         return self._finish(job, "delivered", chunks=total, bytes=size)
 
-    def _send(self, topic: str, payload: bytes) -> bool:
+    def _hand(self, msg: _InFlight) -> None:
+        if self.transport is None:
+            msg.mid = 0
+            return
+        handed = self.transport.publish_nowait(msg.topic, msg.payload, qos=1)
+        msg.mid = handed if isinstance(handed, int) else None
+
+    def _acked(self, msg: _InFlight) -> bool:
         if self.transport is None:
             return True
-        if self.transport.publish(topic, payload, qos=1, timeout=10.0):
-            return True
-        self.transport.wait_ready(timeout=5.0)
-        return False
+        return msg.mid is not None and self.transport.wait_published(msg.mid, timeout=10.0).ok
 
     def _finish(self, job: DeliveryJob, event: str, **details: Any) -> str:
         self.accesslog.append_event(job.jti, event, delivery_id=job.delivery_id, **details)

@@ -364,6 +364,17 @@ class MqttTransport:
     def publish_outcome(self, topic: str, payload: bytes, qos: int = 1, timeout: float = 30.0,
                         *, expiry_s: int | None = None) -> PublishOutcome:
         """:meth:`publish` with the reason, for logs and tests."""
+        handed = self.publish_nowait(topic, payload, qos=qos, expiry_s=expiry_s)
+        if isinstance(handed, PublishOutcome):
+            return handed
+        return self.wait_published(handed, timeout)
+
+    def publish_nowait(self, topic: str, payload: bytes, qos: int = 1,
+                       *, expiry_s: int | None = None) -> int | PublishOutcome:
+        """Hand a message to paho without waiting: its message id for :meth:`wait_published`, or a failure.
+
+        Lets a delivery keep a few chunks in flight instead of one round trip per chunk.
+        """
         c = self._client
         if c is None or self._state is ConnectionState.STOPPED:
             return self._publish_failed("the transport is not running")
@@ -378,7 +389,10 @@ class MqttTransport:
             return self._publish_failed(f"cannot publish to {topic!r}: {exc}")
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             return self._publish_failed(f"paho refused the message: {mqtt.error_string(info.rc)}")
-        mid = info.mid
+        return info.mid
+
+    def wait_published(self, mid: int, timeout: float) -> PublishOutcome:
+        """Wait for the PUBACK of a message handed over by :meth:`publish_nowait`."""
         with self._changed:
             self._changed.wait_for(
                 lambda: mid in self._acks or self._state is ConnectionState.STOPPED, timeout=timeout
