@@ -279,6 +279,7 @@ class RequestService:
         self._deliveries: queue.Queue[DeliveryJob] = queue.Queue()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._closed = False
         self._lock = threading.Lock()
         self._rejections: Counter[tuple[str, datetime]] = Counter()
         # Hooks for tests and status displays; they run on the worker threads, so keep them short.
@@ -309,13 +310,13 @@ class RequestService:
         for t in self._threads:
             t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         done = not any(t.is_alive() for t in self._threads)
-        if done and self._stop.is_set():
+        if done and self._stop.is_set() and not self._closed:
+            self._closed = True
             if self.transport is not None:
                 self.transport.stop()
             self.flush_rejections()
             for closer in (self.replay.close, self.accesslog.close, self.store.close):
                 closer()
-            self._threads.clear()
         return done
 
     # ---- deciding

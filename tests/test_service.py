@@ -134,8 +134,7 @@ def agents(env: Env) -> Iterator[list[Agent]]:
     started: list[Agent] = []
     yield started
     for a in started:
-        if a.svc._threads:
-            a.stop()
+        a.stop()
 
 
 class Agency:
