@@ -486,6 +486,9 @@ class RequestService:
                 msg = _InFlight(*nxt)
                 if msg.is_chunk and self.delivery_events:
                     self.delivery_events("handing", job, {"chunk": handed})
+                if self._stop.is_set():
+                    log.info("stopping with delivery %s unfinished; it resumes at the next start", job.jti)
+                    return "interrupted"
                 if self.killswitch.engaged:
                     log.warning("kill switch engaged: delivery of %s stopped after %d of %d chunks", job.jti, handed, total)
                     return self._finish(job, "delivery_cut", chunks_sent=handed, chunks=total)

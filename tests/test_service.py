@@ -365,3 +365,33 @@ def test_delivery_interrupted_by_broker_restart_resumes_as_one_delivery(env: Env
         assert [r for j, r in log_reasons(env) if j == built.jti] == ["granted", "delivered"]
     finally:
         agency.close()
+
+
+def test_delivery_interrupted_by_agent_restart_resumes_from_the_outbox(env: Env, agents: list[Agent],
+                                                                      agency: Agency) -> None:
+    agents.append(first := Agent(env))
+
+    def stop_midway(event: str, job, details: dict) -> None:  # type: ignore[no-untyped-def]
+        first.events.put((event, job.jti, details))
+        if event == "handing" and details["chunk"] == 1:
+            first.svc.stop()  # e.g. systemctl restart while chunk 0 is on its way
+
+    first.svc.delivery_events = stop_midway
+    now = env.clock.now()
+    built = agency.request(window=(now - timedelta(seconds=50), now - timedelta(seconds=10)))
+    agency.publish(built, [home_topic(env)])
+    assert first.next_decision().reason == "granted"
+    assert first.svc.wait(WAIT)
+    outbox = env.cfg.paths.data_dir / "outbox"
+    assert {p.name for p in outbox.iterdir()} == {f"{built.jti}.job.json", f"{built.jti}.mp4", f"{built.jti}.sealed.json"}
+    assert (outbox / f"{built.jti}.sealed.json").stat().st_mode & 0o077 == 0
+
+    agents.append(second := Agent(env))
+    assert second.wait_delivery_end(built.jti)[0] == "delivered"
+    collector, _ = agency.collect(built.jti)
+    assert len(collector.pending) == 1  # the resumed delivery is the same delivery, byte for byte
+    (pending,) = collector.pending.values()
+    opened = open_delivery(pending.manifest, pending.chunks, built.recipient_private, built.jti)
+    assert opened.claims["log"]["seq"] == 1
+    assert [r for j, r in log_reasons(env) if j == built.jti] == ["granted", "delivered"]
+    assert list(outbox.iterdir()) == []
