@@ -13,52 +13,33 @@ def encode(lat: float, lon: float, precision: int) -> str:
     """The geohash of a point, ``precision`` characters long (0 gives '')."""
     if not 0 <= precision <= 12:
         raise ValueError("geohash precision must be 0..12")
-    lat_lo, lat_hi, lon_lo, lon_hi = -90.0, 90.0, -180.0, 180.0
+    ranges = [[-180.0, 180.0], [-90.0, 90.0]]  # bits alternate: longitude first, then latitude
+    values = (lon, lat)
     out: list[str] = []
-    bits = 0
     ch = 0
-    even = True
-    while len(out) < precision:
-        if even:
-            mid = (lon_lo + lon_hi) / 2
-            if lon >= mid:
-                ch = ch * 2 + 1
-                lon_lo = mid
-            else:
-                ch *= 2
-                lon_hi = mid
-        else:
-            mid = (lat_lo + lat_hi) / 2
-            if lat >= mid:
-                ch = ch * 2 + 1
-                lat_lo = mid
-            else:
-                ch *= 2
-                lat_hi = mid
-        even = not even
-        bits += 1
-        if bits == 5:
+    for i in range(precision * 5):
+        r = ranges[i % 2]
+        mid = (r[0] + r[1]) / 2
+        bit = values[i % 2] >= mid
+        r[0 if bit else 1] = mid
+        ch = ch * 2 + bit
+        if i % 5 == 4:
             out.append(_BASE32[ch])
-            bits = 0
             ch = 0
     return "".join(out)
 
 
 def bounds(cell: str) -> tuple[float, float, float, float]:
     """(lat_min, lat_max, lon_min, lon_max) of a cell."""
-    lat_lo, lat_hi, lon_lo, lon_hi = -90.0, 90.0, -180.0, 180.0
-    even = True
+    ranges = [[-180.0, 180.0], [-90.0, 90.0]]
+    i = 0
     for c in cell:
         idx = _BASE32.index(c)
         for shift in range(4, -1, -1):
-            bit = (idx >> shift) & 1
-            if even:
-                mid = (lon_lo + lon_hi) / 2
-                lon_lo, lon_hi = (mid, lon_hi) if bit else (lon_lo, mid)
-            else:
-                mid = (lat_lo + lat_hi) / 2
-                lat_lo, lat_hi = (mid, lat_hi) if bit else (lat_lo, mid)
-            even = not even
+            r = ranges[i % 2]
+            r[0 if (idx >> shift) & 1 else 1] = (r[0] + r[1]) / 2
+            i += 1
+    (lon_lo, lon_hi), (lat_lo, lat_hi) = ranges
     return lat_lo, lat_hi, lon_lo, lon_hi
 
 

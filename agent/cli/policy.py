@@ -12,7 +12,6 @@ import argparse
 import getpass
 import os
 import socket
-import zoneinfo
 from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Any
@@ -63,12 +62,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 # ---------------------------------------------------------------- helpers
 
-
-def _zone(cfg: AgentConfig) -> tzinfo:
-    """The resident's time zone when configured (a Pi often runs in UTC), else the machine's."""
-    if cfg.policy is not None:
-        return zoneinfo.ZoneInfo(cfg.policy.timezone)
-    return local_zone()
 
 
 def _who() -> str:
@@ -176,7 +169,7 @@ def _trust_list(args: argparse.Namespace) -> int:
     if len(store) == 0:
         print(f"No keys are trusted yet ({path}); import an agency's keys with 'doorbell-agent trust add FILE'.")
         return 0
-    tz = _zone(cfg)
+    tz = local_zone()
     for key in store:
         since = format_local(from_epoch(key.nbf), tz, seconds=False) if key.nbf is not None else "always"
         until = format_local(from_epoch(key.exp), tz, seconds=False) if key.exp is not None else "no end date"
@@ -238,7 +231,7 @@ def _killswitch(args: argparse.Namespace) -> int:
     if args.json:
         print_json(state.to_json())
         return 0
-    print(_describe_switch(state, _zone(cfg)))
+    print(_describe_switch(state, local_zone()))
     if args.action == "on":
         print("Deliveries in progress stop before their next piece.")
     return 0
@@ -332,7 +325,7 @@ def _open_log(cfg: AgentConfig, device_key: DeviceKey | None = None) -> AccessLo
 
 def _log_show(args: argparse.Namespace) -> int:
     cfg = config_from(args)
-    tz = _zone(cfg)
+    tz = local_zone()
     since = parse_user_time(args.since, field="--since", tz=tz) if args.since else None
     log = _open_log(cfg)
     entries = log.entries(since) if log else []
@@ -427,5 +420,5 @@ def _log_checkpoint(args: argparse.Namespace) -> int:
     if args.json:
         print_json(cp.to_json())
         return 0
-    print(f"The device signed the access log up to entry {cp.seq} at {format_local(cp.at, _zone(cfg))}.")
+    print(f"The device signed the access log up to entry {cp.seq} at {format_local(cp.at, local_zone())}.")
     return 0

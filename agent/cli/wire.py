@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import argparse
 import unicodedata
-import zoneinfo
 from datetime import datetime, timezone, tzinfo
 
 from agent.approvals import ApprovalQueue, PendingApproval, parse_id
 from agent.cli.common import add_json_flag, config_from, print_json
-from agent.config import AgentConfig
-from agent.timeutil import format_local, format_utc
+from agent.timeutil import format_local, format_utc, local_zone
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -33,12 +31,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add_json_flag(d)
     d.set_defaults(func=_decline)
 
-
-def _zone(cfg: AgentConfig) -> tzinfo | None:
-    """The resident's time zone from the policy, else the system's."""
-    if cfg.policy is not None:
-        return zoneinfo.ZoneInfo(cfg.policy.timezone)
-    return None
 
 
 def _now() -> datetime:
@@ -94,7 +86,7 @@ def _pending(args: argparse.Namespace) -> int:
         if cfg.policy is not None and cfg.policy.approval != "ask":
             print('(policy.approval is "auto": requests your rules allow are shared without asking.)')
         return 0
-    tz = _zone(cfg)
+    tz = local_zone()
     print(f"{len(items)} request{'s' if len(items) != 1 else ''} waiting for your answer. "
           "Nothing is shared unless you approve.\n")
     for item in items:
@@ -105,7 +97,7 @@ def _pending(args: argparse.Namespace) -> int:
 
 def _approve(args: argparse.Namespace) -> int:
     cfg = config_from(args)
-    tz = _zone(cfg)
+    tz = local_zone()
     item = ApprovalQueue(cfg.paths.state_db).approve(parse_id(args.id), _now(), tz)
     if args.json:
         print_json(item.as_json())
@@ -118,7 +110,7 @@ def _approve(args: argparse.Namespace) -> int:
 
 def _decline(args: argparse.Namespace) -> int:
     cfg = config_from(args)
-    tz = _zone(cfg)
+    tz = local_zone()
     item = ApprovalQueue(cfg.paths.state_db).decline(parse_id(args.id), _now(), tz)
     if args.json:
         print_json(item.as_json())

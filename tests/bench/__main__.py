@@ -16,18 +16,9 @@ import time
 import traceback
 from pathlib import Path
 
+from tests.bench.report import Report
+
 HERE = Path(__file__).resolve().parent
-
-
-class Report:
-    def __init__(self) -> None:
-        self.rows: list[tuple[str, float, float, str, str]] = []
-
-    def __call__(self, name: str, ours: float, reference: float, unit: str, goal: str) -> None:
-        ratio = ours / reference if reference else float("inf")
-        self.rows.append((name, ours, reference, unit, goal))
-        print(f"  {name:<58} {ours:>12.4g} {unit:<8} ref {reference:>12.4g} {unit:<8} ratio {ratio:>7.3f}   goal {goal}",
-              flush=True)
 
 
 def main(argv: list[str]) -> int:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from agent.accesslog import AccessLog
 from agent.devicekey import DeviceKey
+from tests.bench.report import Report
 
 N = 2000
 UTC = timezone.utc
@@ -95,8 +96,4 @@ def run(report: Callable[[str, float, float, str, str], None]) -> None:
 
 
 if __name__ == "__main__":
-
-    def _print(name: str, ours: float, reference: float, unit: str, goal: str) -> None:
-        print(f"{name:<56} {ours:10.4g} {unit:<4} ref {reference:10.4g} {unit:<4} ratio {ours / reference:6.2f}  goal {goal}")
-
-    run(_print)
+    run(Report())

@@ -26,8 +26,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
+
+from tests.bench.report import Report
 
 W, H, FPS = 1280, 720, 15
 VIDEO_S = 60
@@ -35,7 +36,6 @@ LIVE_S = int(os.environ.get("BENCH_LIVE_S", "20"))
 DRAWN = 30  # distinct pre-drawn frames, cycled (drawing is not what is measured)
 ROOT = Path(__file__).resolve().parents[2]
 
-Report = Callable[[str, float, float, str, str], None]
 
 
 def _write_bytes() -> int:
@@ -247,11 +247,4 @@ if __name__ == "__main__":
     if len(sys.argv) >= 4 and sys.argv[1] == "--child":
         child(sys.argv[2], sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else "")
     else:
-        def _print(name: str, ours: float, reference: float, unit: str, goal: str) -> None:
-            ratio = ours / reference if reference else float("inf")
-            print(f"{name:<62} {ours:>10.4g} {unit:<6} ref {reference:>10.4g} {unit:<6} ratio {ratio:6.3f}  goal {goal}",
-                  flush=True)
-
-        t0 = time.time()
-        run(_print)
-        print(f"({time.time() - t0:.0f} s)")
+        run(Report())

@@ -18,16 +18,15 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import av
 
 from agent.clips import cut_clip
 from agent.segments import SegmentStore
+from tests.bench.report import Report
 from tests.clipfixtures import BASE_US, record_buffer, record_foreign_buffer
 
-Report = Callable[[str, float, float, str, str], None]
 ROUNDS = 3
 
 
@@ -81,7 +80,4 @@ def _measure(report: Report, tmp: Path, name: str) -> None:
 
 
 if __name__ == "__main__":
-    def _print(name: str, ours: float, reference: float, unit: str, goal: str) -> None:
-        print(f"{name}: {ours:.4g} {unit} vs {reference:.4g} {unit} = {ours / reference:.3f}x (goal {goal})")
-
-    run(_print)
+    run(Report())

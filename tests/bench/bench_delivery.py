@@ -24,6 +24,7 @@ from agent.city.requests import new_recipient_key
 from agent.delivery import CHUNK_BYTES, seal_delivery
 from agent.devicekey import DeviceKey
 from agent.timeutil import UTC
+from tests.bench.report import Report
 
 CLIP_BYTES = 6 * 1024 * 1024
 ROUNDS = 15
@@ -94,8 +95,4 @@ def run(report: Callable[[str, float, float, str, str], None]) -> None:
 
 
 if __name__ == "__main__":
-
-    def _print(name: str, ours: float, reference: float, unit: str, goal: str) -> None:
-        print(f"{name}: {ours:.1f} {unit} vs {reference:.1f} {unit} = {ours / reference:.2f}x (goal {goal})")
-
-    run(_print)
+    run(Report())

@@ -11,8 +11,7 @@ from collections.abc import Callable
 import numpy as np
 
 from agent.masks import PrivacyMask
-
-Report = Callable[[str, float, float, str, str], None]
+from tests.bench.report import Report
 
 W, H = 1280, 720
 # A typical resident's mask: the neighbour's house on the right, a strip of pavement along the bottom.
@@ -49,8 +48,4 @@ def run(report: Report) -> None:
 
 
 if __name__ == "__main__":
-    def _print(name: str, ours: float, reference: float, unit: str, goal: str) -> None:
-        print(f"{name}: {ours:.3f} {unit} vs image.copy() {reference:.3f} {unit} "
-              f"(ratio {ours / reference:.2f}; goal: {goal})")
-
-    run(_print)
+    run(Report())

@@ -16,11 +16,11 @@ from agent.conformance import STATE_MEMBERS, VectorState
 from agent.jws import parse_unverified
 from agent.policy import Policy, Reason, decide
 from agent.trust import TrustStore
+from tests.bench.report import Report
 from tests.conftest import VECTORS
 
 N = 10_000
 
-Report = Callable[[str, float, float, str, str], None]
 
 
 def _timings(fn: Callable[[], object], n: int) -> list[float]:
@@ -70,8 +70,4 @@ def run(report: Report) -> None:
 
 
 if __name__ == "__main__":
-
-    def _print(name: str, ours: float, reference: float, unit: str, goal: str) -> None:
-        print(f"{name}: {ours:.1f} {unit} vs {reference:.1f} {unit} = {ours / reference:.2f}x (goal {goal})")
-
-    run(_print)
+    run(Report())

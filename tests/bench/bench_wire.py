@@ -59,14 +59,13 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-Report = Callable[[str, float, float, str, str], None]
+from tests.bench.report import Report
 
 ROOT_DIR = Path(__file__).resolve().parents[2]
 HOME = (32.29876, -90.18481)
@@ -955,11 +954,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--flood":
         _flood_child(sys.argv[2])
     else:
-        def _print(name: str, ours: float, reference: float, unit: str, goal: str) -> None:
-            ratio = ours / reference if reference else float("inf")
-            print(f"{name:<62} {ours:>10.4g} {unit:<6} ref {reference:>10.4g} {unit:<6} ratio {ratio:6.3f}  goal {goal}",
-                  flush=True)
-
-        t0 = time.time()
-        run(_print)
-        print(f"({time.time() - t0:.0f} s)")
+        run(Report())
