@@ -208,6 +208,18 @@ class ApprovalQueue:
             )
         return [_row(r) for r in rows]
 
+    def approved(self) -> list[PendingApproval]:
+        """Requests the resident approved that the service has not yet turned into deliveries."""
+        with self._tx() as c:
+            rows = c.execute("SELECT * FROM pending_approvals WHERE state = ? ORDER BY id", (APPROVED,)).fetchall()
+        return [_row(r) for r in rows]
+
+    def mark_granted(self, approval_id: int, now: datetime) -> None:
+        """The service has made the delivery job durable (or refused it on the record): done with this one."""
+        with self._tx() as c:
+            c.execute("UPDATE pending_approvals SET state = ?, claimed_at = ? WHERE id = ? AND state = ?",
+                      (GRANTED, to_us(now), approval_id, APPROVED))
+
     def take_refusals(self, now: datetime) -> list[PendingApproval]:
         """Requests declined, or whose ``exp`` passed unanswered, each returned once: log them."""
         with self._tx() as c:

@@ -168,7 +168,7 @@ class SealedDelivery:
     jti: str
     delivery_id: str
     manifest: str
-    clip: bytes = field(repr=False)
+    clip: bytes | memoryview = field(repr=False)
     content_key: bytes = field(repr=False)
 
     @property
@@ -211,6 +211,18 @@ class SealedDelivery:
         return {"manifest": self.manifest, "content_key": b64url(self.content_key)}
 
 
+def _view(clip: bytes | bytearray | memoryview) -> memoryview:
+    """A read-only view, not a copy: a long clip may be a memory-mapped file of hundreds of MB.
+
+    A memoryview given by the caller is used as it is, so the caller can release it (and close
+    the mapping) once the delivery is done.
+    """
+    view = clip if isinstance(clip, memoryview) else memoryview(clip)
+    if view.readonly is False:
+        view = view.toreadonly()
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
 def seal_delivery(
     clip: bytes,
     *,
@@ -245,7 +257,7 @@ def seal_delivery(
     if not isinstance(log_hash, str) or not log_hash:
         raise DeliveryError("log_hash must be the access-log entry's hash as text")
     recipient = _x25519_public(recipient_jwk)
-    clip = bytes(clip)
+    clip = _view(clip)
     delivery_id = delivery_id or new_delivery_id()
 
     content_key = os.urandom(CONTENT_KEY_BYTES)
@@ -297,7 +309,7 @@ def resume_delivery(clip: bytes, state: dict[str, str]) -> SealedDelivery:
         raise DeliveryError(f"the saved delivery state is unreadable ({exc}); start a new delivery") from None
     if len(content_key) != CONTENT_KEY_BYTES:
         raise DeliveryError("the saved content key is not 32 bytes; start a new delivery")
-    clip = bytes(clip)
+    clip = _view(clip)
     if len(clip) != media["bytes"] or hashlib.sha256(clip).hexdigest() != media["sha256"]:
         raise DeliveryError("the clip differs from the one the saved manifest describes; start a new delivery")
     if enc["chunks"] != chunk_count(len(clip)):

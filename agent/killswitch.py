@@ -57,7 +57,7 @@ def parse_state(data: bytes, path: Path) -> KillSwitchState:
         return _engaged_because(f"kill-switch file {path} is larger than {MAX_FILE_BYTES} bytes; treated as engaged")
     try:
         obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         return _engaged_because(f"kill-switch file {path} is not valid JSON ({exc}); treated as engaged")
     if not isinstance(obj, dict):
         return _engaged_because(f"kill-switch file {path} does not hold a JSON object; treated as engaged")

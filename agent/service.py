@@ -23,6 +23,7 @@ grant therefore produces exactly one delivery.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import mmap
@@ -39,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.accesslog import AccessLog
-from agent.approvals import ApprovalQueue
+from agent.approvals import ApprovalQueue, PendingApproval
 from agent.clips import ClipError, NoFootageError, cut_clip
 from agent.clock import ClockSource, SystemClock
 from agent.config import AgentConfig
@@ -65,6 +66,8 @@ STATUS_FILE = "service-status.json"
 DELIVERY_WINDOW = 4
 """Messages of a delivery awaiting their PUBACK at once: enough to fill the link, few enough that
 little is already on its way when the kill switch is pressed (at most 4 x 256 KiB)."""
+ACK_POLL_S = 2.0
+"""How often a delivery waiting for a PUBACK looks at the kill switch and the stop flag."""
 DELIVERY_GIVE_UP_S = 3600.0
 """A delivery the broker will not take for this long is abandoned (and logged as failed)."""
 
@@ -82,6 +85,7 @@ class LiveState:
     accesslog: AccessLog
     store: SegmentStore
     unsynced_why: str = ""
+    forget_jti: str | None = None  # see RequestService.handle: a jti remembered but never logged
 
     @property
     def clock_synced(self) -> bool:
@@ -94,13 +98,26 @@ class LiveState:
         return self.killswitch.engaged
 
     def seen(self, jti: str) -> str | None:
-        return self.replay.seen(jti)
+        return None if jti == self.forget_jti else self.replay.seen(jti)
 
     def grants_since(self, iss: str, since: datetime) -> int:
         return self.accesslog.grants_since(iss, since)
 
     def recorded(self, start: datetime, end: datetime) -> list[tuple[datetime, datetime]]:
         return [(from_us(a), from_us(b)) for a, b in self.store.spans(to_us(start), to_us(end))]
+
+
+class _IgnoreSeen:
+    """The live state, minus the replay memory: for re-checking a request already remembered."""
+
+    def __init__(self, state: LiveState) -> None:
+        self._state = state
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._state, name)
+
+    def seen(self, jti: str) -> str | None:
+        return None
 
 
 class TrustCache:
@@ -122,13 +139,14 @@ class TrustCache:
             self._fail(f"cannot read the trust store {self.path}: {exc}")
             return None
         if stamp != self._stamp:
-            self._stamp = stamp
             try:
                 self._store = TrustStore.load(self.path, missing_ok=True)
+            except TrustStoreError as exc:
+                self._fail(str(exc))  # tried again on the next message, changed file or not
+            else:
+                self._stamp = stamp
                 self.error = None
                 log.info("trust store loaded: %d key(s)", len(self._store))
-            except TrustStoreError as exc:
-                self._fail(str(exc))
         return None if self.error else self._store
 
     def _fail(self, why: str) -> None:
@@ -219,8 +237,12 @@ class Outbox:
                 p.rename(p.with_name(p.name + ".bad"))
         return jobs
 
+    def has(self, jti: str) -> bool:
+        return self.job_path(jti).exists()
+
     def remove(self, jti: str) -> None:
-        for p in (self.clip_path(jti), self.sealed_path(jti), self.job_path(jti)):
+        # The job first: without it nothing resumes, whatever a crash leaves of the rest.
+        for p in (self.job_path(jti), self.sealed_path(jti), self.clip_path(jti)):
             p.unlink(missing_ok=True)
 
 
@@ -285,11 +307,23 @@ class RequestService:
         # Hooks for tests and status displays; they run on the worker threads, so keep them short.
         self.on_decision: Callable[[Decision | None], None] | None = None
         self.delivery_events: Callable[[str, DeliveryJob, dict[str, Any]], None] | None = None
+        if transport is not None:
+            transport.on_dropped = self._dropped_by_transport
 
     # ---- lifecycle
 
     def start(self) -> None:
         for job in self.outbox.pending():
+            if job.log_seq == 0:  # stopped between writing the job and logging the grant
+                grant = [e for e in self.accesslog.entries(jti=job.jti) if e.outcome == "granted"]
+                if not grant:
+                    self.outbox.remove(job.jti)  # never granted on the record: never delivered
+                    continue
+                job.log_seq, job.log_hash = grant[0].seq, grant[0].hash
+                self.outbox.add(job)
+            if self._closing_event(job.jti) is not None:  # stopped between logging the end and tidying up
+                self.outbox.remove(job.jti)
+                continue
             log.info("resuming the delivery for request %s (delivery %s)", job.jti, job.delivery_id)
             self._deliveries.put(job)
         if self.transport is not None:
@@ -341,8 +375,16 @@ class RequestService:
             log.debug("dropped a message: %s (%s)", d.reason, d.detail)
             return d
         if d.reason is Reason.DUPLICATE:
-            c.duplicates += 1
-            return d
+            assert d.request is not None
+            if self._logged(d.request.jti):
+                c.duplicates += 1
+                return d
+            # Remembered, but the agent stopped before logging a decision: decide it now.
+            self.state.forget_jti = d.request.jti
+            try:
+                d = decide(payload, trust=trust, policy=self.policy, state=self.state, now=now)
+            finally:
+                self.state.forget_jti = None
         req = d.request
         assert req is not None
         self.replay.remember(req.jti, d.payload_sha256, req.exp, now=now)
@@ -350,10 +392,12 @@ class RequestService:
         c.last_decision = {"jti": req.jti, "iss": req.iss, "reason": str(d.reason), "at": format_utc(now)}
         if d.reason is Reason.GRANTED:
             assert d.granted is not None
-            delivery_id = b64url(secrets.token_bytes(16))
-            seq, digest = self.accesslog.append_decision(d, at=now, delivery_id=delivery_id)
-            job = DeliveryJob(req.jti, delivery_id, req.iss, req.recipient.to_jwk(),
-                              d.granted[0], d.granted[1], seq, digest)
+            # The job is on disk before the grant is logged, so a grant in the log always has its job;
+            # a job whose grant never got logged is dropped at the next start.
+            job = DeliveryJob(req.jti, b64url(secrets.token_bytes(16)), req.iss, req.recipient.to_jwk(),
+                              d.granted[0], d.granted[1], 0, "")
+            self.outbox.add(job)
+            job.log_seq, job.log_hash = self.accesslog.append_decision(d, at=now, delivery_id=job.delivery_id)
             self.outbox.add(job)
             c.granted += 1
             log.info("request %s from %s (case %s) granted: %s to %s", req.jti, req.iss, req.case,
@@ -386,10 +430,11 @@ class RequestService:
                 decision = None
                 try:
                     decision = self.handle(msg.payload)
-                except Exception:  # a bug must not stop the agent from hearing the next request
+                except Exception:  # a bug or a full disk must not stop the agent from hearing the next request
                     self.counters.handler_errors += 1
-                    log.exception("error while handling a request; it was not shared")
-                self.transport.ack(msg)
+                    log.exception("error while handling a request; nothing was shared, the broker will offer it again")
+                else:
+                    self.transport.ack(msg)  # only once the outcome is on disk
                 if self.on_decision:
                     self.on_decision(decision)
             if time.monotonic() >= next_chores:
@@ -403,22 +448,62 @@ class RequestService:
         """Approvals the homeowner answered, expired approvals, log checkpoints, old replay entries."""
         now = self.clock.now()
         try:
-            for item in self.approvals.take_approved(now):
-                seq, digest = self.accesslog.append_event(item.jti, "approved", at=now)
-                job = DeliveryJob(item.jti, b64url(secrets.token_bytes(16)), item.iss, item.extra["recipient"],
-                                  item.granted_start, item.granted_end, seq, digest)
-                self.outbox.add(job)
-                log.info("request %s approved by you: delivering", item.jti)
-                self._deliveries.put(job)
+            for item in self.approvals.approved():
+                self._deliver_approved(item, now)
             for item in self.approvals.take_refusals(now):
                 self.accesslog.append_event(item.jti, item.state, at=now)
                 if item.state == "approval_expired":
                     log.info("request %s expired before you answered it; nothing was shared", item.jti)
             self.flush_rejections()
             self.accesslog.checkpoint_if_due(now)
-            self.replay.purge(now)
+            if self.clock.synced()[0]:  # a clock jumping ahead must not empty the replay memory
+                self.replay.purge(now)
         except Exception:
             log.exception("housekeeping failed; it will be tried again")
+
+    def _deliver_approved(self, item: PendingApproval, now: datetime) -> None:
+        """The homeowner said yes: check the rules again, then deliver. Safe to repeat after a crash."""
+        if not self.outbox.has(item.jti) and self._closing_event(item.jti) is None:
+            again = self._recheck(item.raw, now)
+            if again is not None:
+                seq, digest = self.accesslog.append_event(item.jti, "delivery_failed", at=now,
+                                                          reason=f"approved, but no longer allowed: {again}")
+                log.info("request %s was approved but is no longer allowed (%s); nothing was shared", item.jti, again)
+            else:
+                approved = [e for e in self.accesslog.entries(jti=item.jti) if e.outcome == "approved"]
+                seq, digest = ((approved[0].seq, approved[0].hash) if approved
+                               else self.accesslog.append_event(item.jti, "approved", at=now))
+                job = DeliveryJob(item.jti, b64url(secrets.token_bytes(16)), item.iss, item.extra["recipient"],
+                                  item.granted_start, item.granted_end, seq, digest)
+                self.outbox.add(job)
+                log.info("request %s approved by you: delivering", item.jti)
+                self._deliveries.put(job)
+        self.approvals.mark_granted(item.id, now)
+
+    def _recheck(self, raw: bytes, now: datetime) -> str | None:
+        """Why an approved request may no longer be shared (key revoked, consent withdrawn, limit reached), or None."""
+        trust = self.trust.get()
+        if trust is None:
+            return "the trust store cannot be read"
+        policy = dataclasses.replace(self.policy, approval="auto")
+        d = decide(raw, trust=trust, policy=policy, state=_IgnoreSeen(self.state), now=now)
+        return None if d.reason is Reason.GRANTED else str(d.reason)
+
+    def _logged(self, jti: str) -> bool:
+        return any(e.type == "decision" for e in self.accesslog.entries(jti=jti, limit=1))
+
+    def _closing_event(self, jti: str) -> str | None:
+        for e in self.accesslog.entries(jti=jti):
+            if e.outcome in ("delivered", "delivery_cut", "delivery_failed"):
+                return e.outcome
+        return None
+
+    def _dropped_by_transport(self, reason: str, _msg: object) -> None:
+        """Runs on paho's thread: an oversize payload is counted like any other unauthenticated message."""
+        if reason == "oversize":
+            now = datetime.now(UTC)
+            with self._lock:
+                self._rejections[("oversize", now.replace(minute=0, second=0, microsecond=0))] += 1
 
     def flush_rejections(self) -> None:
         with self._lock:
@@ -438,31 +523,45 @@ class RequestService:
                 self.deliver(job)
             except Exception:
                 log.exception("delivery of request %s failed", job.jti)
-                self._finish(job, "delivery_failed", reason="internal error")
+                try:
+                    self._finish(job, "delivery_failed", reason="internal error")
+                except Exception:  # e.g. the disk is full: the job stays in the outbox for the next start
+                    log.exception("could not record the failed delivery of %s", job.jti)
 
     def deliver(self, job: DeliveryJob) -> str:
         """Cut, seal and publish one granted clip; returns how it ended."""
         if self.killswitch.engaged:
             return self._finish(job, "delivery_cut", chunks_sent=0, reason="kill switch engaged before the first chunk")
+        if self.policy.consent_withdrawn or not self.policy.consent_start <= self.clock.now() < self.policy.consent_end:
+            return self._finish(job, "delivery_cut", chunks_sent=0, reason="consent withdrawn or ended")
         sealed_state = self.outbox.sealed(job.jti)
         clip_path = self.outbox.clip_path(job.jti)
+        info = None
         if sealed_state is None or not clip_path.exists():
             s_us, e_us = to_us(job.granted_start), to_us(job.granted_end)
             try:
                 info = cut_clip(self.store.overlapping(s_us, e_us), s_us, e_us, clip_path)
             except (NoFootageError, ClipError) as exc:
                 return self._finish(job, "delivery_failed", reason=f"footage no longer readable: {exc}")
-            with open(clip_path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as clip:
-                sealed = seal_delivery(
-                    memoryview(clip), jti=job.jti, recipient_jwk=job.recipient, device_key=self.device_key,
-                    granted=(job.granted_start, job.granted_end), frames=info.frames, width=info.width,
-                    height=info.height, log_seq=job.log_seq, log_hash=job.log_hash, now=self.clock.now(),
-                    delivery_id=job.delivery_id,
-                )  # fmt: skip
-                self.outbox.save_sealed(job.jti, sealed.resume_state())
+        # The clip is mapped, not read: a long clip must not cost its size in memory.
+        with open(clip_path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            clip = memoryview(mapped)
+            try:
+                if info is not None:
+                    sealed = seal_delivery(
+                        clip, jti=job.jti, recipient_jwk=job.recipient, device_key=self.device_key,
+                        granted=(job.granted_start, job.granted_end), frames=info.frames, width=info.width,
+                        height=info.height, log_seq=job.log_seq, log_hash=job.log_hash, now=self.clock.now(),
+                        delivery_id=job.delivery_id,
+                    )  # fmt: skip
+                    self.outbox.save_sealed(job.jti, sealed.resume_state())
+                else:
+                    assert sealed_state is not None
+                    sealed = resume_delivery(clip, sealed_state)
                 return self._publish(job, sealed)
-        with open(clip_path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as clip:
-            return self._publish(job, resume_delivery(memoryview(clip), sealed_state))
+            finally:
+                sealed = None  # noqa: F841 - drop every view of the mapping before it is closed
+                clip.release()
 
     def _publish(self, job: DeliveryJob, sealed: SealedDelivery) -> str:
         """Publish the manifest and chunks with up to DELIVERY_WINDOW messages awaiting their PUBACK.
@@ -506,17 +605,19 @@ class RequestService:
                 if self.delivery_events:
                     self.delivery_events("sent", job, {"topic": msg.topic, "chunks_sent": acked})
                 continue
-            # The broker did not take it: wait for the connection, then hand over again in order.
+            # Not acknowledged yet: paho resends its in-flight messages itself after a reconnect,
+            # so keep waiting for the same message (never hand it over again: copies would pile up).
+            if msg.mid is None:
+                self._hand(msg)  # paho refused it outright (not connected at all): try again
             if self._stop.is_set():
                 log.info("stopping with delivery %s unfinished; it resumes at the next start", job.jti)
                 return "interrupted"
+            if self.killswitch.engaged:
+                log.warning("kill switch engaged: delivery of %s stopped after %d of %d chunks", job.jti, handed, total)
+                return self._finish(job, "delivery_cut", chunks_sent=handed, chunks=total)
             if time.monotonic() > deadline:
                 return self._finish(job, "delivery_failed", chunks_sent=acked, chunks=total,
                                     reason="the broker did not accept the delivery")
-            if self.transport is not None:
-                self.transport.wait_ready(timeout=5.0)
-            for again in inflight:
-                self._hand(again)
         size = self.outbox.clip_path(job.jti).stat().st_size
         return self._finish(job, "delivered", chunks=total, bytes=size)
 
@@ -530,7 +631,13 @@ class RequestService:
     def _acked(self, msg: _InFlight) -> bool:
         if self.transport is None:
             return True
-        return msg.mid is not None and self.transport.wait_published(msg.mid, timeout=10.0).ok
+        if msg.mid is None:
+            self.transport.wait_ready(timeout=ACK_POLL_S)
+            return False
+        outcome = self.transport.wait_published(msg.mid, timeout=ACK_POLL_S, abandon=False)
+        if not outcome.ok and outcome.reason_code is not None:  # the broker refused it: hand it over again
+            msg.mid = None
+        return outcome.ok
 
     def _finish(self, job: DeliveryJob, event: str, **details: Any) -> str:
         self.accesslog.append_event(job.jti, event, delivery_id=job.delivery_id, **details)

@@ -252,7 +252,7 @@ class MqttTransport:
         self._queue: queue.Queue[IncomingMessage] = queue.Queue(maxsize=queue_size)
         self._receive_maximum = min(65535, receive_maximum or max(1, queue_size // 4))
         self._on_event = on_event
-        self._on_dropped = on_dropped
+        self.on_dropped = on_dropped
         self._ssl = None if self.plaintext else tls_context(config)
         self._reconnect = (reconnect_min_s, reconnect_max_s)
 
@@ -391,13 +391,19 @@ class MqttTransport:
             return self._publish_failed(f"paho refused the message: {mqtt.error_string(info.rc)}")
         return info.mid
 
-    def wait_published(self, mid: int, timeout: float) -> PublishOutcome:
-        """Wait for the PUBACK of a message handed over by :meth:`publish_nowait`."""
+    def wait_published(self, mid: int, timeout: float, *, abandon: bool = True) -> PublishOutcome:
+        """Wait for the PUBACK of a message handed over by :meth:`publish_nowait`.
+
+        ``abandon=False`` keeps listening for a late PUBACK, for a caller that will wait again
+        (paho resends unacknowledged messages after a reconnect under the same id).
+        """
         with self._changed:
             self._changed.wait_for(
                 lambda: mid in self._acks or self._state is ConnectionState.STOPPED, timeout=timeout
             )
             if mid not in self._acks:
+                if not abandon and self._state is not ConnectionState.STOPPED:
+                    return PublishOutcome(False, f"no PUBACK yet after {timeout:g} s")
                 self._abandoned.add(mid)  # a late PUBACK must not be mistaken for a later message's
                 self._counters["publish_failed"] += 1
                 if self._state is ConnectionState.STOPPED:
@@ -608,9 +614,9 @@ class MqttTransport:
         with self._changed:
             self._counters[reason] += 1
             self._changed.notify_all()
-        if self._on_dropped is not None:
+        if self.on_dropped is not None:
             try:
-                self._on_dropped(reason, item)
+                self.on_dropped(reason, item)
             except Exception:
                 log.exception("drop handler failed")
 

@@ -231,6 +231,8 @@ def test_refused_and_forged_requests_publish_nothing(env: Env, agents: list[Agen
     forged = agency.request(signer=load_signing_key(stranger.private_path))
     agency.publish(forged, [home_topic(env)])
     assert agent.next_decision().reason == "unknown_key"
+    # A payload over the protocol's 16384 bytes, dropped unread.
+    agency.session.publish(home_topic(env), b"x" * 20000)
     # A valid request afterwards: its delivery is the first and only thing published.
     good = agency.request()
     agency.publish(good, [home_topic(env)])
@@ -239,7 +241,7 @@ def test_refused_and_forged_requests_publish_nothing(env: Env, agents: list[Agen
     assert log_reasons(env)[:2] == [(far.jti, "outside_geofence"), (good.jti, "granted")]
     agent.stop()  # counters of unauthenticated messages are written in batches; stopping writes the rest
     with AccessLog(env.cfg.paths.state_db) as alog:
-        assert {r["reason"]: r["count"] for r in alog.rejection_counts()} == {"unknown_key": 1}
+        assert {r["reason"]: r["count"] for r in alog.rejection_counts()} == {"unknown_key": 1, "oversize": 1}
 
 
 def test_replay_after_restart_is_refused_and_duplicates_ignored(env: Env, agents: list[Agent],
@@ -395,3 +397,100 @@ def test_delivery_interrupted_by_agent_restart_resumes_from_the_outbox(env: Env,
     assert opened.claims["log"]["seq"] == 1
     assert [r for j, r in log_reasons(env) if j == built.jti] == ["granted", "delivered"]
     assert list(outbox.iterdir()) == []
+
+
+def test_kill_switch_during_a_broker_outage_cuts_the_delivery(env: Env, agents: list[Agent], agency: Agency) -> None:
+    agents.append(agent := Agent(env))
+    switch = KillSwitch(env.cfg.paths.killswitch_file)
+
+    def on_event(event: str, job, details: dict) -> None:  # type: ignore[no-untyped-def]
+        agent.events.put((event, job.jti, details))
+        if event == "handing" and details["chunk"] == 1:
+            env.broker.stop()  # nothing more gets through...
+            switch.engage("test: homeowner pressed the button during the outage")
+
+    agent.svc.delivery_events = on_event
+    now = env.clock.now()
+    built = agency.request(window=(now - timedelta(seconds=50), now - timedelta(seconds=10)))
+    agency.publish(built, [home_topic(env)])
+    event, details = agent.wait_delivery_end(built.jti)
+    assert event == "delivery_cut" and details["chunks_sent"] == 1
+    # Waiting for PUBACKs never handed the same chunk over again: paho holds what was in flight, no more.
+    assert len(agent.transport._client._out_messages) <= 2  # type: ignore[union-attr]
+
+
+def in_process(env: Env) -> RequestService:
+    """The service without a broker: ``handle`` decides and records exactly as the worker does."""
+    return RequestService(env.cfg, transport=None, device_key=env.key, clock=env.clock)
+
+
+def test_a_request_remembered_but_never_logged_is_decided_again(env: Env, agency: Agency) -> None:
+    built = agency.request()
+    svc = in_process(env)
+    try:
+        # As if the agent died between the replay memory's write and the log's: the broker offers it again.
+        first = decide_only(svc, built.message.encode())
+        svc.replay.remember(first.request.jti, first.payload_sha256, first.request.exp)
+        again = svc.handle(built.message.encode())
+        assert again is not None and again.reason == "granted"
+        assert svc.outbox.has(built.jti)
+        assert svc.handle(built.message.encode()).reason == "duplicate"  # now it is on the record
+    finally:
+        svc.stop()
+        svc.wait(WAIT)
+    assert [r for j, r in log_reasons(env) if j == built.jti] == ["granted"]
+
+
+def decide_only(svc: RequestService, payload: bytes) -> Decision:
+    from agent.policy import decide
+
+    trust = svc.trust.get()
+    assert trust is not None
+    return decide(payload, trust=trust, policy=svc.policy, state=svc.state, now=svc.clock.now())
+
+
+def test_outbox_jobs_without_a_logged_grant_or_already_ended_are_not_delivered(env: Env, agency: Agency) -> None:
+    from agent.service import DeliveryJob
+
+    svc = in_process(env)
+    now = env.clock.now()
+    ended = agency.request()
+    assert svc.handle(ended.message.encode()).reason == "granted"
+    svc.accesslog.append_event(ended.jti, "delivery_cut", chunks_sent=0)  # ...and then the agent died
+    orphan = DeliveryJob("never-logged-request-0001", "AAAAAAAAAAAAAAAAAAAAAA", "jackson-pd",
+                         {"kty": "OKP", "crv": "X25519", "x": "FxN29gacW5zXqV82vQMVqoibS8BzLh7u3w2ynrrRjS4"},
+                         now - timedelta(seconds=40), now - timedelta(seconds=30), 0, "")
+    svc.outbox.add(orphan)
+    svc.stop()
+    assert svc.wait(WAIT)
+
+    restarted = in_process(env)
+    events: list[str] = []
+    restarted.delivery_events = lambda event, job, details: events.append(job.jti)
+    restarted.start()
+    restarted.stop()
+    assert restarted.wait(WAIT)
+    assert events == [] and list(restarted.outbox.root.iterdir()) == []
+
+
+def test_approval_is_rechecked_against_a_key_revoked_meanwhile(env: Env, write_config, agency: Agency) -> None:
+    from agent.approvals import ApprovalQueue
+
+    cfg = load_config(write_config(_policy_toml("ask")))
+    env.cfg = cfg.model_copy(update={"mqtt": env.cfg.mqtt})
+    svc = in_process(env)
+    built = agency.request()
+    assert svc.handle(built.message.encode()).reason == "awaiting_resident"
+    trust = TrustStore.load(env.cfg.paths.trust_file)
+    trust.revoke("jpd-test")
+    trust.save(env.cfg.paths.trust_file)
+    queue_ = ApprovalQueue(env.cfg.paths.state_db)
+    (held,) = queue_.pending(env.clock.now())
+    queue_.approve(held.id, env.clock.now())
+    svc.chores()
+    assert not svc.outbox.has(built.jti)
+    assert [r for j, r in log_reasons(env) if j == built.jti] == ["awaiting_resident", "delivery_failed"]
+    with AccessLog(env.cfg.paths.state_db) as alog:
+        assert "key_not_valid" in alog.entries(jti=built.jti)[-1].data["reason"]
+    svc.chores()  # claimed once: nothing more happens
+    assert len(log_reasons(env)) == 2
