@@ -405,12 +405,13 @@ class RequestService:
             self._deliveries.put(job)
         elif d.reason is Reason.AWAITING_RESIDENT:
             assert d.granted is not None
-            self.accesslog.append_decision(d, at=now)
+            # Held before it is logged (holding again is harmless), so a logged request is always held.
             self.approvals.hold(
                 raw=payload, jti=req.jti, iss=req.iss, sub=req.sub, case=req.case, purpose=req.purpose,
                 granted_start=d.granted[0], granted_end=d.granted[1], exp=req.exp, now=now,
                 extra={"recipient": req.recipient.to_jwk()},
             )  # fmt: skip
+            self.accesslog.append_decision(d, at=now)
             c.held_for_approval += 1
             log.info("request %s from %s (case %s) is waiting for your approval: doorbell-agent pending",
                      req.jti, req.iss, req.case)
