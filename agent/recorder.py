@@ -15,16 +15,29 @@ Two threads, so nothing slows the camera down:
 Masked pixels are never stored: raw frames are masked before encoding, and an
 already-encoded camera with a mask is decoded, masked and re-encoded.
 
+Capture times only move forward in the buffer. If the wall clock steps back (an
+NTP correction; a Pi without a real-time clock booting behind its last footage),
+frames stamped at or before the newest stored frame are dropped, counted and
+logged with the size of the step, until the clock passes it again. Storing them
+would overlap earlier segments (a clip over them would be out of order), and
+shifting their times would claim footage was taken when it was not. No gap row
+is written for a backward step: nothing is missing from the timeline.
+
+On an error the writer finishes the segment it has open (or removes it if even
+that fails) before it stops, so no container or file descriptor is leaked.
+
 The live counters go to ``paths.status_file`` (JSON, replaced atomically) every
 few seconds for ``doorbell-agent status``, which may run in another process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import queue
+import secrets
 import threading
 import time
 from collections import deque
@@ -168,6 +181,7 @@ class Recorder:
         self._writer_thread: threading.Thread | None = None
         self._status_thread: threading.Thread | None = None
         self._done = threading.Event()
+        self._status_failing = False
         self.error: BaseException | None = None
 
     # -- lifecycle -----------------------------------------------------------
@@ -246,7 +260,8 @@ class Recorder:
                     opened = False
                     disconnected = True
                     self._set_state("reconnecting")
-                    backoff = self.initial_backoff_s
+                    # No reset here: a camera that opens and fails at once must back off too;
+                    # only a good read (below) proves it is back.
                     if self._stop.wait(backoff):
                         break
                     backoff = min(backoff * 2, self.camera.reconnect_max_s)
@@ -304,10 +319,14 @@ class Recorder:
     # -- writer thread -------------------------------------------------------
 
     def _writer_main(self) -> None:
+        writer: _SegmentWriter | None = None
         try:
-            _SegmentWriter(self).run()
+            writer = _SegmentWriter(self)
+            writer.run()
         except BaseException as exc:  # noqa: BLE001
             log.exception("recording stopped by an error")
+            if writer is not None:
+                writer.salvage()
             self.error = self.error or exc
             self._note_error(f"recording failed: {type(exc).__name__}: {exc}")
             self._stop.set()
@@ -318,19 +337,25 @@ class Recorder:
                 except queue.Empty:
                     pass
         finally:
-            if self._capture_thread is not None:
-                self._capture_thread.join(timeout=10)
-            _close_quietly(self.source)
-            if self.stats.camera_state not in ("ended",):
-                self._set_state("stopped")
-            self.write_status()
-            self._done.set()
+            try:
+                if self._capture_thread is not None:
+                    self._capture_thread.join(timeout=10)
+                _close_quietly(self.source)
+                if self.stats.camera_state not in ("ended",):
+                    self._set_state("stopped")
+                self.write_status()
+            finally:
+                # Whatever failed above, wait() and run() must return.
+                self._done.set()
 
     # -- status --------------------------------------------------------------
 
     def _status_loop(self) -> None:
         while not self._done.wait(self.status_interval_s):
-            self.write_status()
+            try:
+                self.write_status()
+            except Exception:  # noqa: BLE001 - the status file is a convenience; recording goes on
+                log.exception("could not write the status file")
 
     def snapshot(self) -> RecorderStats:
         with self._lock:
@@ -346,12 +371,25 @@ class Recorder:
         return s
 
     def write_status(self) -> None:
+        """Best effort: a full or read-only disk must not stop the recorder (or its shutdown)."""
         if self.status_file is None:
             return
         s = self.snapshot()
         data = asdict(s)
         data["drop_rate"] = round(s.drop_rate, 6)
-        write_json_atomic(self.status_file, data)
+        try:
+            write_json_atomic(self.status_file, data)
+        except OSError as exc:
+            with self._lock:
+                first, self._status_failing = not self._status_failing, True
+            if first:
+                log.warning("cannot write the status file %s (%s); `status` will show old figures until "
+                            "it can be written again", self.status_file, exc)
+            return
+        with self._lock:
+            recovered, self._status_failing = self._status_failing, False
+        if recovered:
+            log.warning("the status file %s can be written again", self.status_file)
 
 
 class _SegmentWriter:
@@ -361,14 +399,71 @@ class _SegmentWriter:
         self.rec = rec
         self.seg: SegmentFile | None = None
         self.segment_us = int(rec.buffer.segment_seconds * 1_000_000)
-        self.frame_us = round(1_000_000 / float(getattr(rec.source, "fps", rec.camera.fps) or rec.camera.fps))
+        # Real spacing of frames in the newest closed segment: a webcam at 10 fps in low light
+        # that calls itself 30 fps must not get a "frames missing" gap at every boundary.
+        self.spacing_us: float | None = None
         # Time of the end of the newest footage, and why the next hole (if any) happened.
         self.last_end_us: int | None = rec.store.latest_end_us()
+        # Capture time of the newest stored frame. Frames not after it are dropped (see add_frame);
+        # at start the end of the newest indexed segment stands in for it.
+        self.last_frame_us: int | None = self.last_end_us - 1 if self.last_end_us is not None else None
+        self._behind_since: int | None = None  # capture time of the first frame of a backward clock step
+        self._seg_frames = 0
         self.gap_reason = "recorder was not running"
         self.disconnected_at: int | None = None
         self.decoder: av.CodecContext | None = None
         self.codec = pick_codec(rec.camera.encoder)
         self._settings: EncoderSettings | None = None
+
+    @property
+    def fps(self) -> float:
+        """Nominal rate. Read when needed, not at start: a stream's rate is known only once the
+        capture thread has opened it (StreamSource.fps is 0 before)."""
+        return float(getattr(self.rec.source, "fps", 0) or self.rec.camera.fps)
+
+    @property
+    def frame_us(self) -> int:
+        return round(1_000_000 / self.fps)
+
+    def gap_tolerance_us(self) -> float:
+        """Holes up to this long are jitter or a dropped frame, not a gap worth a row."""
+        return 1.5 * max(self.frame_us, self.spacing_us or 0)
+
+    def accept(self, capture_us: int) -> bool:
+        """False for a frame not after the newest stored one: the wall clock stepped back.
+
+        Such frames are dropped (and counted) until the clock passes the newest stored frame
+        again. Storing them would make segments overlap in time, and a clip over them would
+        be out of order; shifting their times would put footage at times it was not taken.
+        """
+        last = self.last_frame_us
+        if last is None or capture_us > last:
+            if self._behind_since is not None:
+                log.warning("the clock has caught up with the newest recorded frame; recording again")
+                self._behind_since = None
+            return True
+        if self._behind_since is None:
+            self._behind_since = capture_us
+            log.warning("the clock went back by %.3f s (a frame stamped %d after one stamped %d); frames are "
+                        "dropped until it passes the newest recorded frame again",
+                        (last - capture_us) / 1e6, capture_us, last)
+            self.rec._note_error(f"clock went back by {(last - capture_us) / 1e6:.3f} s; frames dropped")
+        with self.rec._lock:
+            self.rec.stats.frames_dropped += 1
+        return False
+
+    def salvage(self) -> None:
+        """After an error: keep the open segment if it can be finished, else remove it. Never raises."""
+        seg, self.seg = self.seg, None
+        if seg is None:
+            return
+        try:
+            info = seg.finish()
+            if info is not None:
+                self.rec.store.add(info)
+        except Exception:  # noqa: BLE001 - already failing; do not hide the first error
+            log.warning("could not finish the open segment after the error; removing it", exc_info=True)
+            seg.abort()
 
     def run(self) -> None:
         rec = self.rec
@@ -406,6 +501,8 @@ class _SegmentWriter:
 
     def add_frame(self, frame: Frame) -> None:
         rec = self.rec
+        if not self.accept(frame.capture_us):
+            return
         if self.seg is not None and self.seg.start_us is not None and frame.capture_us - self.seg.start_us >= self.segment_us:
             self.close_segment()
         if self.seg is None:
@@ -413,13 +510,13 @@ class _SegmentWriter:
         image = rec.mask.apply(frame.image) if rec.mask is not None else frame.image
         assert self.seg is not None
         self.seg.add_frame(Frame(frame.capture_us, image) if image is not frame.image else frame)
-        self.recorded()
+        self.stored(frame.capture_us)
 
     def settings(self, frame: Frame) -> EncoderSettings:
         h, w = frame.image.shape[:2]
         s = self._settings
         if s is None or (s.width, s.height) != (w, h):
-            fps = float(getattr(self.rec.source, "fps", self.rec.camera.fps) or self.rec.camera.fps)
+            fps = self.fps
             s = self._settings = EncoderSettings(self.codec, w, h, fps, self.rec.camera.keyframe_interval_s)
             mode = "encode" if self.rec.source.kind == "raw" else "decode, mask and re-encode"
             with self.rec._lock:
@@ -430,6 +527,11 @@ class _SegmentWriter:
 
     def add_packet(self, item: EncodedPacket) -> None:
         rec = self.rec
+        if not self.accept(item.capture_us):
+            # The packets after this one may refer to it: end the segment here and start the
+            # next at a keyframe (the check below drops the rest of this group).
+            self.close_segment()
+            return
         if self.seg is not None and item.keyframe and self.seg.start_us is not None \
                 and item.capture_us - self.seg.start_us >= self.segment_us:
             self.close_segment()
@@ -446,7 +548,7 @@ class _SegmentWriter:
             self.open_segment(item.capture_us, template=template)
         assert self.seg is not None
         self.seg.add_packet(item)
-        self.recorded()
+        self.stored(item.capture_us)
 
     def decode(self, item: EncodedPacket) -> list[Frame]:
         if self.decoder is None:
@@ -474,12 +576,13 @@ class _SegmentWriter:
 
     def open_segment(self, start_us: int, **kw: Any) -> None:
         rec = self.rec
-        if self.last_end_us is not None and start_us - self.last_end_us > 1.5 * self.frame_us:
+        if self.last_end_us is not None and start_us - self.last_end_us > self.gap_tolerance_us():
             rec.store.add_gap(self.last_end_us, start_us, self.gap_reason)
         self.disconnected_at = None
         self.gap_reason = "frames missing"
         path = rec.store.new_segment_path(start_us)
         self.seg = SegmentFile(path, frame_us=self.frame_us, **kw) if "template" in kw else SegmentFile(path, **kw)
+        self._seg_frames = 0
         with rec._lock:
             rec.stats.current_segment_start_us = start_us
 
@@ -488,8 +591,14 @@ class _SegmentWriter:
         seg, self.seg = self.seg, None
         if seg is None:
             return
+        if self._seg_frames > 1 and seg.start_us is not None and seg.last_us is not None:
+            self.spacing_us = (seg.last_us - seg.start_us) / (self._seg_frames - 1)
         t0 = time.perf_counter()
-        info = seg.finish()
+        try:
+            info = seg.finish()
+        except BaseException:
+            seg.abort()  # do not leak the container and its file descriptor
+            raise
         if info is None:
             return
         record = rec.store.add(info)
@@ -507,7 +616,9 @@ class _SegmentWriter:
             log.info("retention: removed %d old segment(s), %d bytes (%s)", report.evicted, report.bytes_freed,
                      ", ".join(f"{k}: {v}" for k, v in report.reasons.items()))
 
-    def recorded(self) -> None:
+    def stored(self, capture_us: int) -> None:
+        self.last_frame_us = capture_us
+        self._seg_frames += 1
         with self.rec._lock:
             self.rec.stats.frames_recorded += 1
 
@@ -522,9 +633,15 @@ def _close_quietly(source: Source) -> None:
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Replace ``path`` in one step so a reader never sees half a file. Not fsynced: it is live state."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, sort_keys=True))
-    os.replace(tmp, path)
+    # A name of its own per call: the status thread and the writer's final write may overlap.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.{secrets.token_hex(4)}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, sort_keys=True))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_status(path: Path) -> dict[str, Any] | None:

@@ -39,7 +39,10 @@ if TYPE_CHECKING:
 
 TIME_BASE = Fraction(1, 1_000_000)
 PART_SUFFIX = ".part"
-FRAGMENTED = "frag_keyframe+empty_moov+default_base_moof"
+# ``delay_moov``: write the header at the first packet, not before it. An encoder that puts
+# its parameter sets in-band instead of in global extradata (a hardware encoder may) has
+# none to give before then, and with ``empty_moov`` alone the segment could not be written.
+FRAGMENTED = "frag_keyframe+empty_moov+delay_moov+default_base_moof"
 
 
 @dataclass(frozen=True)
@@ -155,9 +158,13 @@ class SegmentFile:
                 raise ValueError("a segment must start with a keyframe")
             self.start_us = item.capture_us
         pkt = item.packet
+        # Setting time_base retags the packet's numbers without rescaling them, so the
+        # duration (the last frame's length in the file) is converted by hand first.
+        dur_us = _duration_us(pkt)
         pkt.stream = self._stream
         pkt.time_base = TIME_BASE
         pkt.pts = pkt.dts = item.capture_us - self.start_us
+        pkt.duration = dur_us or 0
         self._mux(pkt)
         self.last_us = item.capture_us
 
@@ -188,9 +195,18 @@ class SegmentFile:
                                self.frames, size, digest.hexdigest(), self.keyframes)
 
     def abort(self) -> None:
+        """Throw the segment away (after an error); never raises, so it is safe in cleanup."""
         try:
             self._container.close()
         except Exception:  # noqa: BLE001 - the file is being thrown away
             pass
         self.part_path.unlink(missing_ok=True)
 
+
+
+def _duration_us(pkt: av.Packet) -> int | None:
+    """The packet's duration in µs, or None if it has none (or no time base to read it in)."""
+    tb = pkt.time_base
+    if not pkt.duration or tb is None:
+        return None
+    return round(pkt.duration * tb / TIME_BASE) or None

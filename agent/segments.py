@@ -160,6 +160,7 @@ class SegmentStore:
         self.segments_dir = Path(segments_dir)
         self.buffer = buffer or BufferConfig()
         self._disk_free = disk_free
+        self._disk_too_full_warned = False
         self.segments_dir.mkdir(parents=True, exist_ok=True)
         self.buffer_db.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -281,7 +282,12 @@ class SegmentStore:
         reasons: dict[str, int] = {}
         evicted = freed = 0
         with self._lock:
-            total = self._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM segments").fetchone()[0]
+            total, newest_end = self._db.execute(
+                "SELECT COALESCE(SUM(bytes), 0), MAX(end_us) FROM segments").fetchone()
+        if newest_end is not None and self._disk_too_full_warned \
+                and self._disk_free(self.segments_dir) >= b.min_free_bytes:
+            self._disk_too_full_warned = False
+            log.warning("free disk space is back above buffer.min_free_bytes; the buffer grows again")
         while True:
             with self._lock:
                 row = self._db.execute(
@@ -295,6 +301,11 @@ class SegmentStore:
             elif total > b.max_bytes:
                 why = "size"
             elif self._disk_free(self.segments_dir) < b.min_free_bytes:
+                if rec.end_us >= newest_end:
+                    # Only the newest segment is left and the disk is still too full: something
+                    # else fills it. Deleting the footage just written would not help; keep it.
+                    self._warn_disk_too_full(b)
+                    break
                 why = "free space"
             else:
                 break
@@ -309,6 +320,17 @@ class SegmentStore:
                 # Gaps before the oldest footage explain nothing any more.
                 self._db.execute("DELETE FROM gaps WHERE end_us <= ?", (first if first is not None else now_us,))
         return RetentionReport(evicted, freed, reasons)
+
+    def _warn_disk_too_full(self, b: BufferConfig) -> None:
+        """Say it once per episode: a line per segment would bury every other log line."""
+        if self._disk_too_full_warned:
+            return
+        self._disk_too_full_warned = True
+        log.warning(
+            "THE DISK IS TOO FULL TO KEEP A BUFFER: %d bytes free in %s, below buffer.min_free_bytes (%d), "
+            "with only the newest segment left. Something other than footage fills the disk; free some "
+            "space or lower buffer.min_free_bytes. Until then only the newest segment is kept.",
+            self._disk_free(self.segments_dir), self.segments_dir, b.min_free_bytes)
 
     def _evict(self, rec: SegmentRecord) -> None:
         # Row first, then file: a crash in between leaves an orphan file (reconcile
@@ -346,7 +368,15 @@ class SegmentStore:
             if name.endswith(".mp4" + PART_SUFFIX) or name.endswith(".mp4" + RECOVER_SUFFIX):
                 final = path.with_name(name.rsplit(".mp4", 1)[0] + ".mp4")
                 if final.exists() and self._relative(final) in known:
-                    path.unlink()  # the rename happened; this is a leftover copy
+                    path.unlink(missing_ok=True)  # the rename happened; this is a leftover copy
+                    report.removed_parts.append(path)
+                    continue
+                recover = final.with_name(final.name + RECOVER_SUFFIX)
+                if name.endswith(PART_SUFFIX) and recover.exists():
+                    # A crash during an earlier recovery: the .recover is the original footage and
+                    # this .part only a partial remux of it. Recover from the original (it comes
+                    # later in this sorted walk); moving the .part over it would lose footage.
+                    path.unlink(missing_ok=True)
                     report.removed_parts.append(path)
                     continue
                 info = self._recover_part(path, final)

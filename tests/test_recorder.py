@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
+import time
 from pathlib import Path
 
 import av
 import numpy as np
 
-from agent.capture import EncodedPacket, SourceEnded
+from agent.capture import EncodedPacket, Frame, SourceEnded, SourceUnavailable
 from agent.config import BufferConfig, CameraConfig
-from agent.recorder import Recorder, ScaledMask, read_status
+from agent.recorder import Recorder, ScaledMask, read_status, write_json_atomic
 from agent.segments import SegmentStore
-from tests.buffer_helpers import (FPS, FRAME_US, H, W, FiniteSynthetic, FlakySynthetic, decoded_frames, now_us,
-                                  packet_count, stamp, write_segment)
+from tests.buffer_helpers import (
+    FPS,
+    FRAME_US,
+    FiniteSynthetic,
+    FlakySynthetic,
+    H,
+    W,
+    decoded_frames,
+    now_us,
+    packet_count,
+    stamp,
+    write_segment,
+)
 
 CAMERA = CameraConfig(source="synthetic", width=W, height=H, fps=FPS)
 
@@ -213,3 +226,186 @@ def test_encoded_camera_with_a_mask_is_decoded_masked_and_reencoded(tmp_path: Pa
         for f in c.decode(video=0):
             img = f.to_ndarray(format="bgr24")
             assert img[:, 164:].max() <= 24 and img[:, :150].mean() > 60
+
+
+# -- regressions from the video-pipeline review ----------------------------------
+
+
+def _poll(condition, timeout: float = 10.0) -> bool:  # noqa: ANN001
+    """Wait for a condition another thread makes true (no event to await for it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()
+
+
+def test_an_unwritable_status_file_neither_stops_the_status_nor_hangs_shutdown(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    store = make_store(tmp_path)
+    blocker = tmp_path / "run"
+    blocker.write_text("a file where the status directory should be")  # every status write fails
+    status = blocker / "status.json"
+    src = FiniteSynthetic(10_000, start_us=None, realtime=True)  # type: ignore[arg-type]
+    rec = Recorder(src, store, CAMERA, BufferConfig(segment_seconds=1), status_file=status,
+                   status_interval_s=0.02)
+    caplog.set_level("WARNING", logger="agent.recorder")
+    rec.start()
+    try:
+        said = lambda: any("cannot write the status file" in r.getMessage() for r in caplog.records)  # noqa: E731
+        assert _poll(lambda: rec.stats.frames_recorded > 5 and said())
+        blocker.unlink()  # the disk is writable again: the status thread is still there to notice
+        assert _poll(lambda: read_status(status) is not None), "the status thread died at its first failed write"
+        for p in blocker.iterdir():
+            p.unlink()
+        blocker.rmdir()
+        blocker.write_text("unwritable again for the final write")
+    finally:
+        rec.stop()
+    # The final status write in the writer's cleanup fails; the recorder still finishes.
+    assert rec.wait(15), "wait() never returned: the writer's final status write raised"
+    assert rec.error is None and rec.stats.camera_state == "stopped"
+    assert [us for us, _ in all_frames(store)] == src.produced
+    assert sum("cannot write the status file" in r.getMessage() for r in caplog.records) == 2  # once per episode
+
+
+def test_status_writes_from_two_threads_never_collide(tmp_path: Path) -> None:
+    path = tmp_path / "status.json"
+    start = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def writer(n: int) -> None:
+        start.wait()
+        try:
+            for i in range(300):
+                write_json_atomic(path, {"writer": n, "i": i})
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    assert json.loads(path.read_text())["i"] == 299
+    assert [p.name for p in tmp_path.iterdir()] == ["status.json"]  # no temp files left behind
+
+
+class SteppedBackCamera(FiniteSynthetic):
+    """A wall-clock camera whose clock is stepped back ``step_us`` (NTP) before frame ``at``."""
+
+    def __init__(self, frames: int, *, start_us: int, at: int, step_us: int) -> None:
+        super().__init__(frames, start_us=start_us)
+        self.at, self.step_us = at, step_us
+
+    def read(self):  # noqa: ANN201
+        if len(self.produced) == self.at:
+            self._start_us -= self.step_us
+        return super().read()
+
+
+def test_a_backward_clock_step_drops_frames_until_the_clock_catches_up(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    from agent.clips import clip_bytes
+
+    store = make_store(tmp_path)
+    t0 = now_us() - 60_000_000
+    src = SteppedBackCamera(150, start_us=t0, at=60, step_us=3_000_000)
+    with caplog.at_level("WARNING", logger="agent.recorder"):
+        stats = Recorder(src, store, CAMERA, BufferConfig(segment_seconds=2)).run()  # used to raise from the muxer
+    # What should be kept: each frame stamped after every frame before it.
+    kept, newest = [], -1
+    for us in src.produced:
+        if us > newest:
+            kept.append(us)
+            newest = us
+    assert len(kept) < 150
+    assert stats.frames_recorded == len(kept) and stats.frames_dropped == 150 - len(kept)
+    frames = all_frames(store)
+    assert [us for us, _ in frames] == kept
+    assert [qr for _, qr in frames] == [stamp(us) for us, _ in frames]
+    segs = store.all()
+    assert all(a.end_us <= b.start_us for a, b in itertools.pairwise(segs)), "segments overlap in time"
+    step = f"clock went back by {(src.produced[59] - src.produced[60]) / 1e6:.3f} s"
+    assert any(step in r.getMessage() for r in caplog.records)
+    assert not list(store.segments_dir.rglob("*.part"))
+    # A clip across the step cuts (overlapping segments would make it fail as out of order).
+    _, info = clip_bytes(segs, t0, kept[-1] + FRAME_US)
+    assert info.frames == len(kept)
+
+
+def test_a_writer_error_finishes_the_open_segment_instead_of_leaking_it(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+
+    class BrokenFrameCamera(FiniteSynthetic):
+        def read(self):  # noqa: ANN201
+            f = super().read()
+            if len(self.produced) == 21:
+                return Frame(f.capture_us, f.image[:, :, 0])  # one grey plane: the encoder step fails
+            return f
+
+    src = BrokenFrameCamera(40, start_us=now_us() - 60_000_000)
+    rec = Recorder(src, store, CAMERA, BufferConfig(segment_seconds=10))
+    rec.start()
+    assert rec.wait(15)
+    assert rec.error is not None
+    assert not list(store.segments_dir.rglob("*.part")), "the open segment was left unfinished"
+    [seg] = store.all()
+    assert seg.frames == 20 and [us for us, _ in all_frames(store)] == src.produced[:20]
+
+
+class FlappingCamera(FiniteSynthetic):
+    """Opens fine, then fails at the first read, ``flaps`` times; then works."""
+
+    def __init__(self, frames: int, *, start_us: int, flaps: int) -> None:
+        super().__init__(frames, start_us=start_us)
+        self.flaps = flaps
+        self.open_times: list[float] = []
+
+    def open(self) -> None:
+        self.open_times.append(time.monotonic())
+        super().open()
+
+    def read(self):  # noqa: ANN201
+        if self.flaps > 0:
+            self.flaps -= 1
+            raise SourceUnavailable("stream dropped")
+        return super().read()
+
+
+def test_backoff_grows_for_a_camera_that_opens_and_fails_at_once(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    src = FlappingCamera(10, start_us=now_us() - 60_000_000, flaps=5)
+    camera = CameraConfig(source="synthetic", width=W, height=H, fps=FPS, reconnect_max_s=0.16)
+    stats = Recorder(src, store, camera, BufferConfig(), initial_backoff_s=0.02).run()
+    assert stats.frames_recorded == 10
+    waits = np.diff(src.open_times)
+    assert len(waits) == 5
+    # 0.02, 0.04, 0.08, 0.16, 0.16 s: it used to retry every 0.02 s forever.
+    assert all(w >= expected * 0.95 for w, expected in zip(waits, [0.02, 0.04, 0.08, 0.16, 0.16]))
+
+
+class DimWebcam(FiniteSynthetic):
+    """Says 30 fps, delivers 10 fps (a webcam in low light lengthens its exposure)."""
+
+    def __init__(self, frames: int, *, start_us: int) -> None:
+        super().__init__(frames, start_us=start_us)
+        self.fps = 30.0
+
+    def read(self) -> Frame:
+        if len(self.produced) >= self.limit:
+            raise SourceEnded("done")
+        us = self._start_us + len(self.produced) * 100_000
+        self.produced.append(us)
+        return Frame(us, self.draw(us))
+
+
+def test_a_camera_slower_than_it_says_gets_no_gap_at_every_segment_boundary(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    t0 = now_us() - 60_000_000
+    src = DimWebcam(50, start_us=t0)
+    camera = CameraConfig(source="synthetic", width=W, height=H, fps=30)
+    stats = Recorder(src, store, camera, BufferConfig(segment_seconds=1)).run()
+    assert stats.segments_written == 5 and stats.frames_recorded == 50
+    assert store.gaps() == []
+    assert len(store.spans(t0, t0 + 60_000_000)) == 1

@@ -9,14 +9,29 @@ from pathlib import Path
 import av
 import pytest
 
+from agent.capture.synthetic import SyntheticSource
 from agent.config import BufferConfig
-from agent.segmentfile import EncoderSettings, open_encoder_stream
+from agent.segmentfile import (
+    FRAGMENTED,
+    EncoderSettings,
+    SegmentFile,
+    open_encoder_stream,
+)
 from agent.segments import SegmentStore
 from agent.timeutil import to_us
-from agent.capture.synthetic import SyntheticSource
-from tests.buffer_helpers import FPS, FRAME_US, H, W, decoded_frames, now_us, stamp, write_segment
+from tests.buffer_helpers import (
+    FPS,
+    FRAME_US,
+    H,
+    W,
+    decoded_frames,
+    now_us,
+    stamp,
+    write_segment,
+)
 
 HOUR_US = 3600 * 1_000_000
+GLOBAL_HEADER = 1 << 22  # AV_CODEC_FLAG_GLOBAL_HEADER: parameter sets in extradata, not in-band
 
 
 @pytest.fixture
@@ -141,8 +156,10 @@ def test_reconcile_indexes_an_orphan_that_plays_and_removes_one_that_does_not(st
     good = write_segment(store.new_segment_path(t0), t0, 30)  # finished but never indexed (crash before add)
     bad_start = t0 + 2_000_000
     bad = write_segment(store.new_segment_path(bad_start), bad_start, 30)
-    with open(bad.path, "r+b") as fh:  # a damaged file: its index (moov) is cut off
-        fh.truncate(bad.bytes // 2)
+    with open(bad.path, "r+b") as fh:  # a damaged file: its last fragment is cut off
+        # Inside the last fragment's media data: cutting at half could land exactly on a
+        # fragment boundary (about 1 run in 40), leaving a shorter file that plays.
+        fh.truncate(bad.bytes - 100)
     stray = store.segments_dir / "notes.txt"
     stray.write_text("not a segment")
     report = store.reconcile()
@@ -198,3 +215,92 @@ def test_reconcile_recovers_a_fragmented_part_up_to_its_last_complete_packet(sto
     assert [qr for _, qr in frames] == [stamp(us) for us, _ in frames]
     assert [us for us, _ in frames] == [t0 + round(i * 1_000_000 / FPS) for i in range(len(frames))]
     assert rec.end_us == frames[-1][0] + FRAME_US
+
+
+# -- regressions from the video-pipeline review ----------------------------------
+
+
+def write_fragmented(path: Path, t0: int, frames: int, *, global_header: bool = True) -> None:
+    """A fragmented segment as the recorder writes it, cut short by nothing (yet)."""
+    src = SyntheticSource(W, H, FPS, realtime=False, start_us=t0)
+    src.open()
+    with av.open(str(path), "w", format="mp4", options={"movflags": FRAGMENTED}) as c:
+        stream = open_encoder_stream(c, EncoderSettings("libx264", W, H, FPS))
+        if not global_header:
+            stream.codec_context.flags &= ~GLOBAL_HEADER
+        for _ in range(frames):
+            f = src.read()
+            vf = av.VideoFrame.from_ndarray(f.image, format="bgr24").reformat(format="yuv420p")
+            vf.pts = f.capture_us - t0
+            for pkt in stream.encode(vf):
+                c.mux(pkt)
+        for pkt in stream.encode(None):
+            c.mux(pkt)
+
+
+def test_reconcile_after_a_crash_during_recovery_recovers_from_the_original(store: SegmentStore) -> None:
+    """Power cut while remuxing: the original is X.mp4.recover, a partial remux is X.mp4.part."""
+    t0 = now_us() - 60_000_000
+    final = store.new_segment_path(t0)
+    final.parent.mkdir(parents=True)
+    recover = final.with_name(final.name + ".recover")
+    part = final.with_name(final.name + ".part")
+    write_fragmented(recover, t0, 60)
+    data = recover.read_bytes()
+    part.write_bytes(data[: len(data) * 3 // 4])  # the remux was cut short
+    report = store.reconcile()  # used to raise FileNotFoundError after overwriting the original
+    assert report.recovered_parts == [final] and part in report.removed_parts
+    assert not part.exists() and not recover.exists()
+    [rec] = store.all()
+    frames = decoded_frames(rec.path, rec.start_us)
+    assert len(frames) == 60 == rec.frames  # all of the original, not the partial copy
+    assert [us for us, _ in frames] == [t0 + round(i * 1_000_000 / FPS) for i in range(60)]
+    assert store.reconcile().changed is False
+
+
+def test_free_space_rule_never_evicts_the_newest_segment_and_says_so_once(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    # The disk is full of something else: free space stays under the guard whatever is evicted.
+    store = SegmentStore(tmp_path / "b.sqlite", tmp_path / "segments", disk_free=lambda _p: 1_000)
+    t0 = now_us() - 60_000_000
+    recs = [add(store, t0 + i * 2_000_000) for i in range(3)]
+    guard = BufferConfig.model_construct(segment_seconds=2, retention_hours=72, max_bytes=10**12,
+                                         min_free_bytes=100_000)
+    with caplog.at_level("WARNING", logger="agent.segments"):
+        report = store.enforce_retention(now_us(), guard)
+        assert report.reasons == {"free space": 2}
+        assert [r.id for r in store.all()] == [recs[-1].id] and disk_segments(store) == {recs[-1].path}
+        newest = add(store, t0 + 6_000_000)  # the next segment closes: the one before it goes, not this one
+        assert store.enforce_retention(now_us(), guard).evicted == 1
+        assert [r.id for r in store.all()] == [newest.id]
+    loud = [r for r in caplog.records if "TOO FULL" in r.getMessage()]
+    assert len(loud) == 1 and "min_free_bytes" in loud[0].getMessage()
+
+
+def test_a_segment_from_an_encoder_without_global_header_is_written_and_recoverable(tmp_path: Path) -> None:
+    """Parameter sets in-band only (as a hardware encoder may give them): the header must wait for them."""
+    store = SegmentStore(tmp_path / "buffer.sqlite", tmp_path / "segments")
+    t0 = now_us() - 60_000_000
+    src = SyntheticSource(W, H, FPS, realtime=False, start_us=t0)
+    src.open()
+    seg = SegmentFile(store.new_segment_path(t0), settings=EncoderSettings("libx264", W, H, FPS))
+    seg._stream.codec_context.flags &= ~GLOBAL_HEADER  # before the encoder opens at the first frame
+    for _ in range(30):
+        seg.add_frame(src.read())
+    info = seg.finish()  # used to fail: the header was written before any parameter set existed
+    assert info is not None and info.frames == 30
+    frames = decoded_frames(info.path, info.start_us)
+    assert [us for us, _ in frames] == [t0 + round(i * 1_000_000 / FPS) for i in range(30)]
+    assert [qr for _, qr in frames] == [stamp(us) for us, _ in frames]
+    # A power cut mid-segment: the .part is recovered like any other.
+    t1 = t0 + 10_000_000
+    final = store.new_segment_path(t1)
+    part = final.with_name(final.name + ".part")
+    write_fragmented(part, t1, 60, global_header=False)
+    with open(part, "r+b") as fh:
+        fh.truncate(part.stat().st_size * 3 // 4)
+    report = store.reconcile()
+    assert report.recovered_parts == [final]
+    rec = store.overlapping(t1, t1 + 5_000_000)[0]
+    recovered = decoded_frames(rec.path, rec.start_us)
+    assert 15 <= len(recovered) < 60
+    assert [us for us, _ in recovered] == [t1 + round(i * 1_000_000 / FPS) for i in range(len(recovered))]

@@ -25,7 +25,12 @@ from agent.capture.picamera2 import (
     picamera2_available,
     sensor_to_wall_us,
 )
-from agent.capture.stream import StreamClock, StreamSource, parse_creation_time, redact_url
+from agent.capture.stream import (
+    StreamClock,
+    StreamSource,
+    parse_creation_time,
+    redact_url,
+)
 from agent.capture.synthetic import SyntheticSource
 from agent.capture.v4l2 import V4L2Source
 from agent.config import CameraConfig
@@ -542,3 +547,65 @@ def test_factory_says_how_to_install_picamera2() -> None:
     with pytest.raises(UserError) as err:
         make_source(CameraConfig(source="picamera2"))
     assert "sudo apt install python3-picamera2" in str(err.value)
+
+
+# -- regressions from the video-pipeline review ----------------------------------
+
+
+def test_a_25_fps_file_is_stored_with_its_real_frame_duration(tmp_path: Path) -> None:
+    """A 1/12800 time base (FFmpeg's choice for 25 fps MP4): the last frame lasts 40 ms, not 512 µs."""
+    from agent.config import BufferConfig
+    from agent.recorder import Recorder
+    from agent.segments import SegmentStore
+
+    path = tmp_path / "door25.mp4"
+    with av.open(str(path), "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        stream.options = {"preset": "ultrafast", "x264-params": "bframes=0:keyint=25:scenecut=0"}
+        for i, img in enumerate(_pictures(50)):
+            vf = av.VideoFrame.from_ndarray(img, format="bgr24")
+            vf.pts, vf.time_base = i, Fraction(1, 25)
+            for pkt in stream.encode(vf):
+                out.mux(pkt)
+        for pkt in stream.encode(None):
+            out.mux(pkt)
+    t0 = time.time_ns() // 1000 - 60_000_000  # recent: older footage would be evicted by age at once
+    source = StreamSource(str(path), live=False, realtime=False, start_at=t0)
+    source.open()
+    assert source._stream.time_base == Fraction(1, 12800)  # the case under test
+    source.close()
+
+    store = SegmentStore(tmp_path / "buffer.sqlite", tmp_path / "segments")
+    camera = CameraConfig(source="file", url=str(path), width=W, height=H, fps=15)  # the config's rate is not the file's
+    stats = Recorder(source, store, camera, BufferConfig(segment_seconds=1)).run()
+    assert stats.mode == "stream copy" and stats.frames_recorded == 50
+    segs = store.all()
+    assert len(segs) == 2
+    for seg in segs:
+        with av.open(str(seg.path)) as c:
+            st = c.streams.video[0]
+            pkts = [p for p in c.demux(st) if p.size]
+        last_us = seg.start_us + round(pkts[-1].pts * st.time_base * 1_000_000)
+        assert round(pkts[-1].duration * st.time_base * 1_000_000) == 40_000
+        assert seg.end_us == last_us + 40_000  # the file's rate, read after open, not camera.fps
+    # The two segments touch: one continuous span, no gap.
+    assert store.spans(t0, t0 + 10_000_000) == [(t0, t0 + 2_000_000)]
+    assert store.gaps() == []
+
+
+def test_stream_clock_passes_a_backward_wall_clock_step_through_for_the_recorder_to_drop() -> None:
+    clock = StreamClock()
+    last = clock.capture_us(0, START_US)
+    for i in range(1, 5):
+        last = clock.capture_us(i * 40_000, START_US + i * 40_000)
+    # NTP steps our clock back 3 s: the next frames' true (earlier) times come out, not
+    # last + 1, last + 2, ... (which would store three seconds of frames a microsecond apart).
+    stepped = [clock.capture_us(i * 40_000, START_US - 3_000_000 + i * 40_000) for i in range(5, 10)]
+    assert stepped == [START_US - 3_000_000 + i * 40_000 for i in range(5, 10)]
+    assert all(t < last for t in stepped)
+    # A small step back (re-anchoring on jitter) is still nudged to keep times strictly increasing.
+    clock2 = StreamClock()
+    clock2.capture_us(0, START_US)
+    clock2.capture_us(None, START_US + 100_000)
+    assert clock2.capture_us(None, START_US + 60_000) == START_US + 100_001

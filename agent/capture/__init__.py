@@ -36,6 +36,22 @@ class EncodedPacket:
     keyframe: bool
 
 
+MAX_NUDGE_US = 250_000
+"""Capture-time jitter up to this much backwards is smoothed; a larger step back is a clock change."""
+
+
+def stamp_forward(last_us: int | None, t: int) -> int:
+    """Keep capture times strictly increasing (a segment's pts must be) across small jitter.
+
+    A larger step back is the wall clock being corrected (NTP): nudging would stamp every frame
+    1 µs apart until the clock catches up, so the true, earlier time is returned and the recorder
+    drops those frames, as it does for any source whose clock steps back.
+    """
+    if last_us is not None and t <= last_us and last_us - t <= MAX_NUDGE_US:
+        return last_us + 1
+    return t
+
+
 class SourceUnavailable(Exception):
     """The camera is gone for now (unplugged, network drop); the recorder reopens it with backoff."""
 

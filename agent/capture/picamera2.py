@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import av
 import numpy as np
 
-from agent.capture import EncodedPacket, Frame, SourceUnavailable
+from agent.capture import EncodedPacket, Frame, SourceUnavailable, stamp_forward
 
 if TYPE_CHECKING:
     from av.video.stream import VideoStream
@@ -183,10 +183,8 @@ class EncodedFrameSink:
             capture_us = time.time_ns() // 1000
         else:
             capture_us = self._to_wall_us((first + timestamp) * 1000)
-        # A clock-offset refresh after an NTP step back must not make time run backwards in a segment.
-        if self._last_us is not None:
-            capture_us = max(capture_us, self._last_us + 1)
-        self._last_us = capture_us
+        # Small jitter is smoothed; a real step back passes through for the recorder to drop.
+        self._last_us = capture_us = stamp_forward(self._last_us, capture_us)
         try:
             pkt = av.Packet(data)
             pkt.is_keyframe = bool(keyframe)  # the MP4 muxer marks sync samples from this flag

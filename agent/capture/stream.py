@@ -49,7 +49,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import av
 
-from agent.capture import EncodedPacket, Frame, SourceEnded, SourceUnavailable
+from agent.capture import EncodedPacket, Frame, SourceEnded, SourceUnavailable, stamp_forward
 from agent.timeutil import to_us
 
 if TYPE_CHECKING:
@@ -103,9 +103,7 @@ class StreamClock:
                 self._reanchor(pts_us, arrival_us)
                 t = arrival_us
             self._last_pts = pts_us
-        if self._last_us is not None and t <= self._last_us:
-            t = self._last_us + 1  # strictly increasing: a segment's pts must be
-        self._last_us = t
+        self._last_us = t = stamp_forward(self._last_us, t)
         return t
 
     def _reanchor(self, pts_us: int, wall_us: int, *, count: bool = True) -> None:
