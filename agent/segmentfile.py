@@ -203,10 +203,11 @@ class SegmentFile:
         self.part_path.unlink(missing_ok=True)
 
 
-
 def _duration_us(pkt: av.Packet) -> int | None:
     """The packet's duration in µs, or None if it has none (or no time base to read it in)."""
     tb = pkt.time_base
     if not pkt.duration or tb is None:
         return None
-    return round(pkt.duration * tb / TIME_BASE) or None
+    # Integer arithmetic: this runs for every packet of a stream-copied camera.
+    num = pkt.duration * tb.numerator * 1_000_000
+    return (2 * num + tb.denominator) // (2 * tb.denominator) or None
