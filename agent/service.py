@@ -586,12 +586,9 @@ class RequestService:
                 msg = _InFlight(*nxt)
                 if msg.is_chunk and self.delivery_events:
                     self.delivery_events("handing", job, {"chunk": handed})
-                if self._stop.is_set():
-                    log.info("stopping with delivery %s unfinished; it resumes at the next start", job.jti)
-                    return "interrupted"
-                if self.killswitch.engaged:
-                    log.warning("kill switch engaged: delivery of %s stopped after %d of %d chunks", job.jti, handed, total)
-                    return self._finish(job, "delivery_cut", chunks_sent=handed, chunks=total)
+                halted = self._halted(job, handed, total)
+                if halted:
+                    return halted
                 self._hand(msg)
                 inflight.append(msg)
                 if msg.is_chunk:
@@ -610,17 +607,24 @@ class RequestService:
             # so keep waiting for the same message (never hand it over again: copies would pile up).
             if msg.mid is None:
                 self._hand(msg)  # paho refused it outright (not connected at all): try again
-            if self._stop.is_set():
-                log.info("stopping with delivery %s unfinished; it resumes at the next start", job.jti)
-                return "interrupted"
-            if self.killswitch.engaged:
-                log.warning("kill switch engaged: delivery of %s stopped after %d of %d chunks", job.jti, handed, total)
-                return self._finish(job, "delivery_cut", chunks_sent=handed, chunks=total)
+            halted = self._halted(job, handed, total)
+            if halted:
+                return halted
             if time.monotonic() > deadline:
                 return self._finish(job, "delivery_failed", chunks_sent=acked, chunks=total,
                                     reason="the broker did not accept the delivery")
         size = self.outbox.clip_path(job.jti).stat().st_size
         return self._finish(job, "delivered", chunks=total, bytes=size)
+
+    def _halted(self, job: DeliveryJob, handed: int, total: int) -> str | None:
+        """How the delivery ends here if the agent is stopping or the kill switch is on, else None."""
+        if self._stop.is_set():
+            log.info("stopping with delivery %s unfinished; it resumes at the next start", job.jti)
+            return "interrupted"
+        if self.killswitch.engaged:
+            log.warning("kill switch engaged: delivery of %s stopped after %d of %d chunks", job.jti, handed, total)
+            return self._finish(job, "delivery_cut", chunks_sent=handed, chunks=total)
+        return None
 
     def _hand(self, msg: _InFlight) -> None:
         if self.transport is None:
