@@ -2,13 +2,15 @@
 
 The service holds a request here in ``awaiting_resident``; the homeowner
 answers with ``doorbell-agent approve ID`` / ``decline ID`` from another
-process; the service picks the answers up with :meth:`ApprovalQueue.take_approved`
-(deliver) and :meth:`ApprovalQueue.take_refusals` (log ``declined_by_resident``
-or ``approval_expired``). Each answer is handed to the service exactly once.
+process; the service picks the answers up with :meth:`ApprovalQueue.approved`
+(deliver, then :meth:`ApprovalQueue.mark_granted` once the delivery job is on
+disk, so a crash in between repeats the step instead of losing the answer) and
+:meth:`ApprovalQueue.take_refusals` (log ``declined_by_resident`` or
+``approval_expired``). Each answer is acted on exactly once.
 
 States::
 
-    awaiting_resident --approve--> approved --take_approved--> granted
+    awaiting_resident --approve--> approved --mark_granted--> granted
                       --decline--> declined_by_resident --take_refusals--> (claimed)
                       --exp passes--> approval_expired  --take_refusals--> (claimed)
 
@@ -196,29 +198,21 @@ class ApprovalQueue:
             )
             return _row(c.execute("SELECT * FROM pending_approvals WHERE jti = ?", (jti,)).fetchone())
 
-    def take_approved(self, now: datetime) -> list[PendingApproval]:
-        """Requests the resident approved, each returned once (now marked ``granted``): deliver them."""
-        with self._tx() as c:
-            rows = c.execute(
-                "SELECT * FROM pending_approvals WHERE state = ? ORDER BY id", (APPROVED,)
-            ).fetchall()
-            c.execute(
-                "UPDATE pending_approvals SET state = ?, claimed_at = ? WHERE state = ?",
-                (GRANTED, to_us(now), APPROVED),
-            )
-        return [_row(r) for r in rows]
-
     def approved(self) -> list[PendingApproval]:
         """Requests the resident approved that the service has not yet turned into deliveries."""
         with self._tx() as c:
             rows = c.execute("SELECT * FROM pending_approvals WHERE state = ? ORDER BY id", (APPROVED,)).fetchall()
         return [_row(r) for r in rows]
 
-    def mark_granted(self, approval_id: int, now: datetime) -> None:
-        """The service has made the delivery job durable (or refused it on the record): done with this one."""
+    def mark_granted(self, approval_id: int, now: datetime) -> bool:
+        """The service has made the delivery job durable (or refused it on the record): done with this one.
+
+        Returns False if it was already marked, so two claimants can never both act on one answer.
+        """
         with self._tx() as c:
-            c.execute("UPDATE pending_approvals SET state = ?, claimed_at = ? WHERE id = ? AND state = ?",
-                      (GRANTED, to_us(now), approval_id, APPROVED))
+            cur = c.execute("UPDATE pending_approvals SET state = ?, claimed_at = ? WHERE id = ? AND state = ?",
+                            (GRANTED, to_us(now), approval_id, APPROVED))
+            return cur.rowcount == 1
 
     def take_refusals(self, now: datetime) -> list[PendingApproval]:
         """Requests declined, or whose ``exp`` passed unanswered, each returned once: log them."""
@@ -258,7 +252,7 @@ class ApprovalQueue:
         return _row(r) if r else None
 
     def approve(self, approval_id: int, now: datetime, tz: tzinfo | None = None) -> PendingApproval:
-        """The resident says yes; the service delivers on its next :meth:`take_approved`."""
+        """The resident says yes; the service delivers it on its next look at :meth:`approved`."""
         return self._answer(approval_id, APPROVED, now, tz)
 
     def decline(self, approval_id: int, now: datetime, tz: tzinfo | None = None) -> PendingApproval:

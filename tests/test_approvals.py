@@ -90,7 +90,8 @@ def test_approve_is_taken_exactly_once(setup) -> None:
 
     def take() -> None:
         barrier.wait(timeout=10)
-        claimed.append(ApprovalQueue(q.path).take_approved(datetime.now(timezone.utc)))
+        mine = ApprovalQueue(q.path)
+        claimed.append([i for i in mine.approved() if mine.mark_granted(i.id, datetime.now(timezone.utc))])
 
     threads = [threading.Thread(target=take) for _ in range(4)]
     for t in threads:
@@ -101,7 +102,7 @@ def test_approve_is_taken_exactly_once(setup) -> None:
     assert len(claimed) == 4 and [i.jti for i in got] == [item.jti]
     assert got[0].raw == item.raw
     assert q.get(item.id).state == GRANTED
-    assert q.take_approved(datetime.now(timezone.utc)) == []
+    assert q.approved() == []
 
     again = cli(config, "approve", str(item.id))
     assert again.returncode == 2 and "already approved" in again.stderr and "nothing changed" in again.stderr
@@ -117,7 +118,7 @@ def test_decline_is_reported_once_and_nothing_is_delivered(setup) -> None:
     assert "Declined request" in out.stdout and "Nothing was shared" in out.stdout
 
     now = datetime.now(timezone.utc)
-    assert q.take_approved(now) == []
+    assert q.approved() == []
     refused = q.take_refusals(now)
     assert [(i.id, i.state) for i in refused] == [(item.id, DECLINED)]
     assert q.take_refusals(now) == []
@@ -139,7 +140,7 @@ def test_expired_request_cannot_be_approved(setup) -> None:
     assert "Traceback" not in out.stderr
 
     now = datetime.now(timezone.utc)
-    assert q.take_approved(now) == []
+    assert q.approved() == []
     assert [(i.id, i.state) for i in q.take_refusals(now)] == [(stale.id, EXPIRED)]
 
 
