@@ -132,17 +132,17 @@ def run_demo(workdir: Path | None, *, seconds: float = 12.0, out: TextIO = sys.s
     """Run the demo; raise UserError on anything a person can fix."""
     import av
 
-    from agent.accesslog import AccessLog
-    from agent.capture.synthetic import read_qr_time
+    from agent.state.accesslog import AccessLog
+    from agent.buffer.capture.synthetic import read_qr_time
     from agent.city import build_request, keygen, load_signing_key, open_delivery
     from agent.city.mqtt import BrokerSettings, MqttSession
     from agent.city.receive import DeliveryCollector
     from agent.city.requests import request_topics
-    from agent.cli.record import start_recording
+    from agent.runtime.supervisor import start_recording
     from agent.config import load_config
-    from agent.service import start_service
+    from agent.sharing.service import start_service
     from agent.timeutil import format_local, parse_utc_z
-    from agent.trust import TrustStore
+    from agent.protocol.trust import TrustStore
 
     if seconds < 6:
         raise UserError("--seconds must be at least 6: the demo asks for footage from the middle of the recording")

@@ -9,9 +9,9 @@ import av
 import cv2
 import numpy as np
 
-from agent.capture import Frame, SourceEnded, SourceUnavailable
-from agent.capture.synthetic import SyntheticSource, read_qr_time
-from agent.segmentfile import EncoderSettings, SegmentFile, SegmentFileInfo
+from agent.buffer.capture import Frame, SourceEnded, SourceUnavailable
+from agent.buffer.capture.synthetic import SyntheticSource, read_qr_time
+from agent.buffer.segmentfile import EncoderSettings, SegmentFile, SegmentFileInfo
 from agent.timeutil import format_utc, from_us
 
 W, H, FPS = 320, 240, 15

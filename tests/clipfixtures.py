@@ -11,9 +11,9 @@ import av
 import cv2
 import numpy as np
 
-from agent.capture.synthetic import SyntheticSource, read_qr_time
-from agent.segmentfile import TIME_BASE, EncoderSettings, SegmentFile
-from agent.segments import SegmentRecord, SegmentStore
+from agent.buffer.capture.synthetic import SyntheticSource, read_qr_time
+from agent.buffer.segmentfile import TIME_BASE, EncoderSettings, SegmentFile
+from agent.buffer.segments import SegmentRecord, SegmentStore
 from agent.timeutil import format_utc, from_us
 
 BASE_US = 1_795_183_200_000_000  # 2026-11-20T14:00:00Z
@@ -136,7 +136,7 @@ def stamp(t_us: int) -> str:
 def record_foreign_buffer(data_dir: Path, seconds: float = 12, width: int = 320, height: int = 240) -> Buffer:
     """Footage as an RTSP doorbell gives it: encoded by the camera (here x264 with other options:
     High profile, CABAC, 3 reference frames), stored by stream copy, 4-second segments."""
-    from agent.capture import EncodedPacket
+    from agent.buffer.capture import EncodedPacket
 
     src = SyntheticSource(width, height, FPS, realtime=False, start_us=BASE_US)
     src.open()

@@ -10,9 +10,11 @@ import pytest
 
 from tests.broker import broker, broker_session  # noqa: F401  (the real-Mosquitto fixtures, for every test module)
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-VECTORS = SHARED / "protocol" / "vectors-v1.json"
-DELIVERY_VECTOR = SHARED / "protocol" / "delivery-v1.json"
+from agent.protocol.conformance import BUNDLED_DELIVERY, BUNDLED_VECTORS
+
+# Every test uses the repository's own copies; tests/test_upstream.py compares them with ../shared.
+VECTORS = BUNDLED_VECTORS
+DELIVERY_VECTOR = BUNDLED_DELIVERY
 
 
 @pytest.fixture

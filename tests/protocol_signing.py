@@ -13,7 +13,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.jws import REQUEST_TYP, b64url_decode, b64url_encode
+from agent.protocol.jose import REQUEST_TYP, b64url_decode, b64url_encode
 from tests.conftest import VECTORS
 
 

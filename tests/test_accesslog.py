@@ -15,9 +15,9 @@ from typing import Any, Callable
 import pytest
 from cryptography.exceptions import InvalidSignature
 
-from agent.accesslog import AccessLog, AccessLogError
-from agent.clock import FixedClock
-from agent.devicekey import DeviceKey
+from agent.state.accesslog import AccessLog, AccessLogError
+from agent.state.clock import FixedClock
+from agent.state.devicekey import DeviceKey
 
 UTC = timezone.utc
 NOW = datetime(2026, 12, 3, 18, 0, 0, tzinfo=UTC)
@@ -387,7 +387,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from agent.accesslog import AccessLog
+from agent.state.accesslog import AccessLog
 log = AccessLog(Path(sys.argv[1]))
 who = sys.argv[2]
 print("ready", flush=True)

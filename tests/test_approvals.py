@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.approvals import DECLINED, EXPIRED, GRANTED, ApprovalQueue, PendingApproval
+from agent.state.approvals import DECLINED, EXPIRED, GRANTED, ApprovalQueue, PendingApproval
 from agent.config import load_config
 
 POLICY = """

@@ -17,12 +17,12 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from joserfc import jws as jose_jws
 from joserfc.jwk import OKPKey
 
-from agent import geohash
+from agent.protocol import geohash
 from agent.city import build_request, cover_cells, keygen, load_signing_key
 from agent.city.cli import main
 from agent.city.requests import distance_to_cell_m
 from agent.errors import UserError
-from agent.geo import EARTH_RADIUS_M, haversine_m
+from agent.protocol.geo import EARTH_RADIUS_M, haversine_m
 from agent.timeutil import UTC
 from tests.conftest import VECTORS
 
@@ -85,7 +85,7 @@ def test_keygen_writes_a_0600_private_jwk_and_a_public_set(tmp_path: Path) -> No
 
 
 def test_keygen_public_set_loads_into_the_agents_trust_store(tmp_path: Path) -> None:
-    from agent.trust import TrustStore
+    from agent.protocol.trust import TrustStore
 
     result = keygen(iss="jackson-oversight", kid="ovs-1", role="oversight", out_dir=tmp_path)
     store = TrustStore.from_jwks(json.loads(result.public_path.read_text()))
@@ -197,9 +197,9 @@ def test_build_request_refuses_keys_in_the_wrong_role(keys: dict[str, Any]) -> N
 
 def test_request_is_granted_by_the_agents_own_decision(keys: dict[str, Any]) -> None:
     """End to end through engineer C's decide(): what we build is what an agent accepts."""
-    from agent.conformance import STATE_MEMBERS, VectorState
-    from agent.policy import Policy, Reason, decide
-    from agent.trust import TrustStore
+    from agent.protocol.conformance import STATE_MEMBERS, VectorState
+    from agent.protocol.decision import Policy, Reason, decide
+    from agent.protocol.trust import TrustStore
 
     agent = json.loads(VECTORS.read_text())["agent"]
     policy = Policy.from_mapping({k: v for k, v in agent.items() if k not in STATE_MEMBERS})
@@ -407,8 +407,8 @@ def _publish_request(tmp_path: Path, b: Broker, capsys: pytest.CaptureFixture[st
 
 
 def _seal_for(claims: dict[str, Any], clip: bytes) -> Any:
-    from agent.delivery import seal_delivery
-    from agent.devicekey import DeviceKey
+    from agent.protocol.sealing import seal_delivery
+    from agent.state.devicekey import DeviceKey
 
     return seal_delivery(
         clip, jti=claims["jti"], recipient_jwk=claims["recipient"], device_key=DeviceKey.generate(),

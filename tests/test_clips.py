@@ -10,9 +10,9 @@ from pathlib import Path
 import av
 import pytest
 
-from agent.clips import ClipInfo, NoFootageError, clip_bytes, cut_clip, granted_window
-from agent.segmentfile import EncoderSettings
-from agent.segments import SegmentStore
+from agent.buffer.clips import ClipInfo, NoFootageError, clip_bytes, cut_clip, granted_window
+from agent.buffer.segmentfile import EncoderSettings
+from agent.buffer.segments import SegmentStore
 from agent.timeutil import format_utc, from_us
 from tests.clipfixtures import BASE_US, Buffer, decode_clip, record_buffer, record_foreign_buffer, shows_time, stamp
 

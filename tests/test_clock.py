@@ -8,7 +8,7 @@ from typing import Callable
 
 import pytest
 
-from agent.clock import (
+from agent.state.clock import (
     STA_UNSYNC,
     TIME_ERROR,
     ClockSource,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main
-from agent.conformance import CaseResult, VectorsError, run_vectors
+from agent.protocol.conformance import CaseResult, VectorsError, run_vectors
 from tests.conftest import VECTORS
 
 CASE_NAMES = [c["name"] for c in json.loads(VECTORS.read_text(encoding="utf-8"))["cases"]]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.segments import SegmentStore
+from agent.buffer.segments import SegmentStore
 from tests.buffer_helpers import decoded_frames, now_us, stamp
 
 ROOT = Path(__file__).resolve().parents[1]

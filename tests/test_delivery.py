@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from agent.city import DeliveryRejected, open_delivery
 from agent.city.requests import new_recipient_key
-from agent.delivery import (
+from agent.protocol.sealing import (
     CHUNK_BYTES,
     HPKE_SUITE,
     SealedDelivery,
@@ -25,7 +25,7 @@ from agent.delivery import (
     resume_delivery,
     seal_delivery,
 )
-from agent.devicekey import DeviceKey, b64url, b64url_decode, jwk_thumbprint
+from agent.state.devicekey import DeviceKey, b64url, b64url_decode, jwk_thumbprint
 from agent.timeutil import UTC
 from tests.conftest import DELIVERY_VECTOR
 

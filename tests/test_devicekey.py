@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.devicekey import DeviceKey, DeviceKeyError, b64url_decode, jwk_thumbprint
+from agent.state.devicekey import DeviceKey, DeviceKeyError, b64url_decode, jwk_thumbprint
 from tests.conftest import DELIVERY_VECTOR
 
 

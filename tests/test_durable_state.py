@@ -15,14 +15,14 @@ from typing import Any
 
 import pytest
 
-from agent.accesslog import AccessLog
-from agent.clock import ClockSource, FixedClock
-from agent.conformance import STATE_MEMBERS, describe
-from agent.killswitch import KillSwitch
-from agent.policy import Policy, decide
-from agent.replay import ReplayMemory
+from agent.state.accesslog import AccessLog
+from agent.state.clock import ClockSource, FixedClock
+from agent.protocol.conformance import STATE_MEMBERS, describe
+from agent.state.killswitch import KillSwitch
+from agent.protocol.decision import Policy, decide
+from agent.state.replay import ReplayMemory
 from agent.timeutil import parse_utc_z
-from agent.trust import TrustStore
+from agent.protocol.trust import TrustStore
 from tests import protocol_signing as ps
 
 

@@ -8,7 +8,7 @@ import pytest
 from paho.mqtt.client import topic_matches_sub
 
 from agent.city.requests import request_topics
-from agent.geohash import bounds, encode, request_topic, subscription_filter
+from agent.protocol.geohash import bounds, encode, request_topic, subscription_filter
 
 
 def test_known_geohash() -> None:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from agent.jws import (
+from agent.protocol.jose import (
     MAX_MESSAGE_BYTES,
     BadSignatureError,
     MalformedError,
@@ -17,7 +17,7 @@ from agent.jws import (
     parse_unverified,
     verify_signatures,
 )
-from agent.trust import TrustStore
+from agent.protocol.trust import TrustStore
 from tests import protocol_signing as ps
 
 

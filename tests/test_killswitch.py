@@ -12,7 +12,7 @@ from typing import Callable
 
 import pytest
 
-from agent.killswitch import KillSwitch, write_atomically
+from agent.state.killswitch import KillSwitch, write_atomically
 
 UTC = timezone.utc
 NOW = datetime(2026, 12, 3, 18, 0, 0, tzinfo=UTC)
@@ -47,7 +47,7 @@ def test_rename_is_atomic_for_a_concurrent_reader(tmp_path: Path) -> None:
     ks = KillSwitch(path)
     ks.engage(by="x" * 150, now=NOW)
     script = (
-        "import sys; from pathlib import Path; from agent.killswitch import KillSwitch\n"
+        "import sys; from pathlib import Path; from agent.state.killswitch import KillSwitch\n"
         "ks = KillSwitch(Path(sys.argv[1])); bad = 0\n"
         "for _ in range(3000):\n"
         "    s = ks.state()\n"

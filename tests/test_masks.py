@@ -9,10 +9,10 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.capture.synthetic import SyntheticSource
+from agent.buffer.capture.synthetic import SyntheticSource
 from agent.errors import UserError
-from agent.masks import PrivacyMask
-from agent.segmentfile import EncoderSettings, SegmentFile
+from agent.buffer.masks import PrivacyMask
+from agent.buffer.segmentfile import EncoderSettings, SegmentFile
 
 W, H = 320, 240
 # A neighbour's window (a box) and a slice of street (a triangle), away from the QR code in the corner.

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from agent.config import load_config
-from agent.conformance import STATE_MEMBERS, VectorState
-from agent.policy import Decision, Policy, Reason, decide
-from agent.trust import TrustStore
+from agent.protocol.conformance import STATE_MEMBERS, VectorState
+from agent.protocol.decision import Decision, Policy, Reason, decide
+from agent.protocol.trust import TrustStore
 from tests import protocol_signing as ps
 
 UTC = timezone.utc

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main
-from agent.recorder import write_json_atomic
-from agent.segments import SegmentStore
+from agent.buffer.recorder import write_json_atomic
+from agent.buffer.segments import SegmentStore
 from tests.buffer_helpers import now_us, write_segment
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,10 +11,10 @@ from pathlib import Path
 import av
 import numpy as np
 
-from agent.capture import EncodedPacket, Frame, SourceEnded, SourceUnavailable
+from agent.buffer.capture import EncodedPacket, Frame, SourceEnded, SourceUnavailable
 from agent.config import BufferConfig, CameraConfig
-from agent.recorder import Recorder, ScaledMask, read_status, write_json_atomic
-from agent.segments import SegmentStore
+from agent.buffer.recorder import Recorder, ScaledMask, read_status, write_json_atomic
+from agent.buffer.segments import SegmentStore
 from tests.buffer_helpers import (
     FPS,
     FRAME_US,
@@ -249,7 +249,7 @@ def test_an_unwritable_status_file_neither_stops_the_status_nor_hangs_shutdown(t
     src = FiniteSynthetic(10_000, start_us=None, realtime=True)  # type: ignore[arg-type]
     rec = Recorder(src, store, CAMERA, BufferConfig(segment_seconds=1), status_file=status,
                    status_interval_s=0.02)
-    caplog.set_level("WARNING", logger="agent.recorder")
+    caplog.set_level("WARNING", logger="agent.buffer.recorder")
     rec.start()
     try:
         said = lambda: any("cannot write the status file" in r.getMessage() for r in caplog.records)  # noqa: E731
@@ -306,12 +306,12 @@ class SteppedBackCamera(FiniteSynthetic):
 
 
 def test_a_backward_clock_step_drops_frames_until_the_clock_catches_up(tmp_path: Path, caplog) -> None:  # noqa: ANN001
-    from agent.clips import clip_bytes
+    from agent.buffer.clips import clip_bytes
 
     store = make_store(tmp_path)
     t0 = now_us() - 60_000_000
     src = SteppedBackCamera(150, start_us=t0, at=60, step_us=3_000_000)
-    with caplog.at_level("WARNING", logger="agent.recorder"):
+    with caplog.at_level("WARNING", logger="agent.buffer.recorder"):
         stats = Recorder(src, store, CAMERA, BufferConfig(segment_seconds=2)).run()  # used to raise from the muxer
     # What should be kept: each frame stamped after every frame before it.
     kept, newest = [], -1

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.replay import ReplayMemory
+from agent.state.replay import ReplayMemory
 from tests import protocol_signing as ps
 
 UTC = timezone.utc

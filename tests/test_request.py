@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from agent.request import FootageRequest, RequestError
+from agent.protocol.request import FootageRequest, RequestError
 from tests import protocol_signing as ps
 
 UTC = timezone.utc

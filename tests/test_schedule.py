@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from agent.schedule import Rule, constant_offset_parts, longest_piece, scheduled_pieces
+from agent.protocol.schedule import Rule, constant_offset_parts, longest_piece, scheduled_pieces
 
 UTC = timezone.utc
 CHICAGO = ZoneInfo("America/Chicago")

@@ -9,15 +9,15 @@ from pathlib import Path
 import av
 import pytest
 
-from agent.capture.synthetic import SyntheticSource
+from agent.buffer.capture.synthetic import SyntheticSource
 from agent.config import BufferConfig
-from agent.segmentfile import (
+from agent.buffer.segmentfile import (
     FRAGMENTED,
     EncoderSettings,
     SegmentFile,
     open_encoder_stream,
 )
-from agent.segments import SegmentStore
+from agent.buffer.segments import SegmentStore
 from agent.timeutil import to_us
 from tests.buffer_helpers import (
     FPS,
@@ -265,7 +265,7 @@ def test_free_space_rule_never_evicts_the_newest_segment_and_says_so_once(tmp_pa
     recs = [add(store, t0 + i * 2_000_000) for i in range(3)]
     guard = BufferConfig.model_construct(segment_seconds=2, retention_hours=72, max_bytes=10**12,
                                          min_free_bytes=100_000)
-    with caplog.at_level("WARNING", logger="agent.segments"):
+    with caplog.at_level("WARNING", logger="agent.buffer.segments"):
         report = store.enforce_retention(now_us(), guard)
         assert report.reasons == {"free space": 2}
         assert [r.id for r in store.all()] == [recs[-1].id] and disk_segments(store) == {recs[-1].path}

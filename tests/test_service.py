@@ -19,24 +19,24 @@ from pathlib import Path
 import av
 import pytest
 
-from agent.accesslog import AccessLog
-from agent.capture.synthetic import read_qr_time
+from agent.state.accesslog import AccessLog
+from agent.buffer.capture.synthetic import read_qr_time
 from agent.city import build_request, keygen, load_signing_key, open_delivery
 from agent.city.keys import SigningKey
 from agent.city.mqtt import BrokerSettings, MqttSession
 from agent.city.receive import DeliveryCollector
 from agent.city.requests import request_topics
-from agent.clock import FixedClock
+from agent.state.clock import FixedClock
 from agent.config import AgentConfig, load_config
-from agent.devicekey import DeviceKey
-from agent.geohash import encode, request_topic
-from agent.killswitch import KillSwitch
-from agent.policy import Decision
-from agent.segments import SegmentStore
-from agent.service import RequestService
+from agent.state.devicekey import DeviceKey
+from agent.protocol.geohash import encode, request_topic
+from agent.state.killswitch import KillSwitch
+from agent.protocol.decision import Decision
+from agent.buffer.segments import SegmentStore
+from agent.sharing.service import RequestService
 from agent.timeutil import parse_utc_z, to_us
-from agent.transport import MqttTransport
-from agent.trust import TrustStore
+from agent.sharing.transport import MqttTransport
+from agent.protocol.trust import TrustStore
 from tests.broker import Broker
 from tests.buffer_helpers import FPS, write_segment
 
@@ -315,7 +315,7 @@ def test_kill_switch_during_delivery_stops_further_chunks(env: Env, agents: list
 
 def test_ask_approval_delivers_only_after_the_resident_approves(env: Env, agents: list[Agent],
                                                                write_config, agency: Agency) -> None:
-    from agent.approvals import ApprovalQueue
+    from agent.state.approvals import ApprovalQueue
 
     cfg = load_config(write_config(_policy_toml("ask")))
     env.cfg = cfg.model_copy(update={"mqtt": env.cfg.mqtt})
@@ -340,7 +340,7 @@ def test_delivery_interrupted_by_broker_restart_resumes_as_one_delivery(env: Env
         restarts: list[threading.Thread] = []
 
         def restart_broker() -> None:
-            assert agent.transport.wait_until(lambda t: not t.ready, WAIT)
+            assert agent.sharing.transport.wait_until(lambda t: not t.ready, WAIT)
             env.broker.start()
 
         def on_event(event: str, job, details: dict) -> None:  # type: ignore[no-untyped-def]
@@ -363,7 +363,7 @@ def test_delivery_interrupted_by_broker_restart_resumes_as_one_delivery(env: Env
         assert len(collector.pending) == 1 and len(complete) == 1  # one grant, one delivery
         opened = open_delivery(complete[0].manifest, complete[0].chunks, built.recipient_private, built.jti)
         assert opened.claims["enc"]["chunks"] == details["chunks"] > 2
-        assert agent.transport.counters()["connects"] >= 2
+        assert agent.sharing.transport.counters()["connects"] >= 2
         assert [r for j, r in log_reasons(env) if j == built.jti] == ["granted", "delivered"]
     finally:
         agency.close()
@@ -416,7 +416,7 @@ def test_kill_switch_during_a_broker_outage_cuts_the_delivery(env: Env, agents: 
     event, details = agent.wait_delivery_end(built.jti)
     assert event == "delivery_cut" and details["chunks_sent"] == 1
     # Waiting for PUBACKs never handed the same chunk over again: paho holds what was in flight, no more.
-    assert len(agent.transport._client._out_messages) <= 2  # type: ignore[union-attr]
+    assert len(agent.sharing.transport._client._out_messages) <= 2  # type: ignore[union-attr]
 
 
 def in_process(env: Env) -> RequestService:
@@ -442,7 +442,7 @@ def test_a_request_remembered_but_never_logged_is_decided_again(env: Env, agency
 
 
 def decide_only(svc: RequestService, payload: bytes) -> Decision:
-    from agent.policy import decide
+    from agent.protocol.decision import decide
 
     trust = svc.trust.get()
     assert trust is not None
@@ -450,7 +450,7 @@ def decide_only(svc: RequestService, payload: bytes) -> Decision:
 
 
 def test_outbox_jobs_without_a_logged_grant_or_already_ended_are_not_delivered(env: Env, agency: Agency) -> None:
-    from agent.service import DeliveryJob
+    from agent.sharing.service import DeliveryJob
 
     svc = in_process(env)
     now = env.clock.now()
@@ -474,7 +474,7 @@ def test_outbox_jobs_without_a_logged_grant_or_already_ended_are_not_delivered(e
 
 
 def test_approval_is_rechecked_against_a_key_revoked_meanwhile(env: Env, write_config, agency: Agency) -> None:
-    from agent.approvals import ApprovalQueue
+    from agent.state.approvals import ApprovalQueue
 
     cfg = load_config(write_config(_policy_toml("ask")))
     env.cfg = cfg.model_copy(update={"mqtt": env.cfg.mqtt})

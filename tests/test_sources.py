@@ -15,9 +15,9 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.capture import EncodedPacket, Frame, Source, SourceEnded, SourceUnavailable
-from agent.capture.factory import make_source
-from agent.capture.picamera2 import (
+from agent.buffer.capture import EncodedPacket, Frame, Source, SourceEnded, SourceUnavailable
+from agent.buffer.capture.factory import make_source
+from agent.buffer.capture.picamera2 import (
     EncodedFrameSink,
     Picamera2Source,
     WallClock,
@@ -25,17 +25,17 @@ from agent.capture.picamera2 import (
     picamera2_available,
     sensor_to_wall_us,
 )
-from agent.capture.stream import (
+from agent.buffer.capture.stream import (
     StreamClock,
     StreamSource,
     parse_creation_time,
     redact_url,
 )
-from agent.capture.synthetic import SyntheticSource
-from agent.capture.v4l2 import V4L2Source
+from agent.buffer.capture.synthetic import SyntheticSource
+from agent.buffer.capture.v4l2 import V4L2Source
 from agent.config import CameraConfig
 from agent.errors import UserError
-from agent.segmentfile import SegmentFile
+from agent.buffer.segmentfile import SegmentFile
 from agent.timeutil import parse_utc_z, to_us
 
 W, H = 320, 240
@@ -555,8 +555,8 @@ def test_factory_says_how_to_install_picamera2() -> None:
 def test_a_25_fps_file_is_stored_with_its_real_frame_duration(tmp_path: Path) -> None:
     """A 1/12800 time base (FFmpeg's choice for 25 fps MP4): the last frame lasts 40 ms, not 512 µs."""
     from agent.config import BufferConfig
-    from agent.recorder import Recorder
-    from agent.segments import SegmentStore
+    from agent.buffer.recorder import Recorder
+    from agent.buffer.segments import SegmentStore
 
     path = tmp_path / "door25.mp4"
     with av.open(str(path), "w", format="mp4") as out:

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 import pytest
 from pydantic import ValidationError
 
-from agent import geohash
+from agent.protocol import geohash
 from agent.config import MqttConfig
 from agent.errors import UserError
-from agent.transport import MAX_REQUEST_BYTES, ConnectionState, IncomingMessage, MqttTransport, default_client_id
+from agent.sharing.transport import MAX_REQUEST_BYTES, ConnectionState, IncomingMessage, MqttTransport, default_client_id
 from tests.broker import Broker, PeerClient
 
 HOME = (32.29876, -90.18481)  # Jackson, MS

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from agent.trust import TrustedKey, TrustStore, TrustStoreError
+from agent.protocol.trust import TrustedKey, TrustStore, TrustStoreError
 from tests import protocol_signing as ps
 
 UTC = timezone.utc

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import pytest
 
-from agent.trust import TrustStore
+from agent.protocol.trust import TrustStore
 from tests import protocol_signing as ps
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.devicekey import b64url, b64url_decode
+from agent.state.devicekey import b64url, b64url_decode
 from agent.errors import UserError
 
 ISS_PATTERN = re.compile(r"^[a-z0-9._-]{1,64}$")

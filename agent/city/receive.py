@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from agent.delivery import (
+from agent.protocol.sealing import (
     CHUNK_BYTES,
     CONTENT_KEY_BYTES,
     HPKE_SUITE,
@@ -36,7 +36,7 @@ from agent.delivery import (
     chunk_nonce,
     hpke_info,
 )
-from agent.devicekey import b64url_decode, jwk_thumbprint
+from agent.state.devicekey import b64url_decode, jwk_thumbprint
 from agent.errors import UserError
 from agent.timeutil import parse_utc_z
 

@@ -18,11 +18,11 @@ from typing import Any, NamedTuple
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from agent import geohash
+from agent.protocol import geohash
 from agent.city.keys import ISS_PATTERN, SigningKey
-from agent.devicekey import b64url, b64url_decode
+from agent.state.devicekey import b64url, b64url_decode
 from agent.errors import UserError
-from agent.geo import EARTH_RADIUS_M, haversine_m
+from agent.protocol.geo import EARTH_RADIUS_M, haversine_m
 from agent.timeutil import UTC, format_utc
 
 REQUEST_TYP = "footage-request+jwt"

@@ -17,13 +17,13 @@ from agent import __version__
 from agent.errors import UserError
 
 COMMAND_MODULES = (
-    "agent.cli.config_cmd",
-    "agent.cli.record",
-    "agent.cli.clip_cmd",
+    "agent.cli.config",
+    "agent.runtime.supervisor",
+    "agent.cli.clip",
     "agent.cli.policy",
-    "agent.cli.conformance_cmd",
-    "agent.cli.wire",
-    "agent.cli.demo_cmd",
+    "agent.cli.conformance",
+    "agent.cli.approvals",
+    "agent.cli.demo",
 )
 
 

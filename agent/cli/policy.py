@@ -16,14 +16,14 @@ from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Any
 
-from agent.accesslog import AccessLog, LogEntry
+from agent.state.accesslog import AccessLog, LogEntry
 from agent.cli.common import add_json_flag, config_from, print_json
 from agent.config import AgentConfig
-from agent.devicekey import DeviceKey, DeviceKeyError
+from agent.state.devicekey import DeviceKey, DeviceKeyError
 from agent.errors import UserError
-from agent.killswitch import KillSwitch, KillSwitchState
+from agent.state.killswitch import KillSwitch, KillSwitchState
 from agent.timeutil import format_local, format_utc, from_epoch, local_zone, parse_user_time, parse_utc_z
-from agent.trust import TrustedKey, TrustStore, TrustStoreError
+from agent.protocol.trust import TrustedKey, TrustStore, TrustStoreError
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from agent.accesslog import AccessLog
-from agent.devicekey import DeviceKey
+from agent.state.accesslog import AccessLog
+from agent.state.devicekey import DeviceKey
 from tests.bench.report import Report
 
 N = 2000

@@ -59,7 +59,7 @@ def _cpu() -> float:
 
 
 def _predrawn() -> list:  # noqa: ANN201
-    from agent.capture.synthetic import SyntheticSource
+    from agent.buffer.capture.synthetic import SyntheticSource
 
     src = SyntheticSource(W, H, FPS, realtime=False, start_us=0)
     return [src.draw(round(i * 1_000_000 / FPS)) for i in range(DRAWN)]
@@ -81,7 +81,7 @@ class _Predrawn:
         self.i = 0
 
     def read(self):  # noqa: ANN201
-        from agent.capture import Frame, SourceEnded
+        from agent.buffer.capture import Frame, SourceEnded
 
         if self.i >= self.frames:
             raise SourceEnded("done")
@@ -98,8 +98,8 @@ class _Predrawn:
 
 def _record(source, data: Path, *, live: bool | None = None) -> dict:  # noqa: ANN001
     from agent.config import BufferConfig, CameraConfig
-    from agent.recorder import Recorder
-    from agent.segments import SegmentStore
+    from agent.buffer.recorder import Recorder
+    from agent.buffer.segments import SegmentStore
 
     store = SegmentStore(data / "buffer.sqlite", data / "segments")
     rec = Recorder(source, store, CameraConfig(width=W, height=H, fps=FPS, encoder="libx264"),
@@ -122,15 +122,15 @@ def child(mode: str, data: str, extra: str = "") -> None:
         images = _predrawn()
         out = _record(_Predrawn(images, VIDEO_S * FPS, now - VIDEO_S * 1_000_000), d)
     elif mode == "copy":
-        from agent.capture.factory import make_source
+        from agent.buffer.capture.factory import make_source
         from agent.config import CameraConfig
 
         src = make_source(CameraConfig(source="file", url=extra, width=W, height=H, fps=FPS), realtime=False)
         out = _record(src, d, live=False)
         out["source"] = src.describe()
     elif mode == "live":
-        from agent.capture import SourceEnded
-        from agent.capture.synthetic import SyntheticSource
+        from agent.buffer.capture import SourceEnded
+        from agent.buffer.capture.synthetic import SyntheticSource
 
         class Live(SyntheticSource):
             def read(self):  # noqa: ANN202

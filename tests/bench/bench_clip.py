@@ -1,6 +1,6 @@
 """A 60-second exact clip at 720p/15 fps from the rolling buffer, against ffmpeg making the same cut.
 
-Ours: :func:`agent.clips.cut_clip` (copies whole keyframe groups, re-encodes
+Ours: :func:`agent.buffer.clips.cut_clip` (copies whole keyframe groups, re-encodes
 only the two groups straddling the window's edges).
 
 Reference: the fastest frame-exact cut we know with the ffmpeg CLI: the concat
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import av
 
-from agent.clips import cut_clip
-from agent.segments import SegmentStore
+from agent.buffer.clips import cut_clip
+from agent.buffer.segments import SegmentStore
 from tests.bench.report import Report
 from tests.clipfixtures import BASE_US, record_buffer, record_foreign_buffer
 

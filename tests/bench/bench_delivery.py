@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from agent.city.receive import open_delivery
 from agent.city.requests import new_recipient_key
-from agent.delivery import CHUNK_BYTES, seal_delivery
-from agent.devicekey import DeviceKey
+from agent.protocol.sealing import CHUNK_BYTES, seal_delivery
+from agent.state.devicekey import DeviceKey
 from agent.timeutil import UTC
 from tests.bench.report import Report
 

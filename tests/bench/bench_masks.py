@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from agent.masks import PrivacyMask
+from agent.buffer.masks import PrivacyMask
 from tests.bench.report import Report
 
 W, H = 1280, 720

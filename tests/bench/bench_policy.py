@@ -12,10 +12,10 @@ import statistics
 import time
 from collections.abc import Callable
 
-from agent.conformance import STATE_MEMBERS, VectorState
-from agent.jws import parse_unverified
-from agent.policy import Policy, Reason, decide
-from agent.trust import TrustStore
+from agent.protocol.conformance import STATE_MEMBERS, VectorState
+from agent.protocol.jose import parse_unverified
+from agent.protocol.decision import Policy, Reason, decide
+from agent.protocol.trust import TrustStore
 from tests.bench.report import Report
 from tests.conftest import VECTORS
 

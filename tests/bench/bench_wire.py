@@ -179,8 +179,8 @@ def _setup(tmp: Path, stack: ExitStack) -> _Env:
 
     from agent.city import keygen, load_signing_key
     from agent.config import load_config
-    from agent.devicekey import b64url_decode
-    from agent.trust import TrustStore
+    from agent.state.devicekey import b64url_decode
+    from agent.protocol.trust import TrustStore
 
     broker = _quiet_broker_class()(tmp / "mosquitto")
     stack.callback(broker.stop)
@@ -227,9 +227,9 @@ def _setup(tmp: Path, stack: ExitStack) -> _Env:
 
 def _fill_buffer(env: _Env) -> float:
     """FILL_S seconds of 720p15 footage through the real recorder (non-realtime camera); returns wall seconds."""
-    from agent.capture import SourceEnded
-    from agent.capture.synthetic import SyntheticSource
-    from agent.cli.record import start_recording
+    from agent.buffer.capture import SourceEnded
+    from agent.buffer.capture.synthetic import SyntheticSource
+    from agent.runtime.supervisor import start_recording
     from agent.timeutil import to_us
 
     class Finite(SyntheticSource):
@@ -253,9 +253,9 @@ def _fill_buffer(env: _Env) -> float:
 
 class _Agent:
     def __init__(self, env: _Env) -> None:
-        from agent.devicekey import DeviceKey
-        from agent.service import RequestService
-        from agent.transport import MqttTransport
+        from agent.state.devicekey import DeviceKey
+        from agent.sharing.service import RequestService
+        from agent.sharing.transport import MqttTransport
 
         self.hooks = _Hooks()
         loc = env.cfg.require_policy().location
@@ -290,7 +290,7 @@ class _Agency:
 
     def __init__(self, env: _Env) -> None:
         from agent.city.mqtt import BrokerSettings, MqttSession
-        from agent.geohash import encode, request_topic
+        from agent.protocol.geohash import encode, request_topic
 
         cred = env.broker.credentials["agency"]
         settings = BrokerSettings(host=env.broker.host, port=env.broker.port, ca_file=env.broker.ca_file,
@@ -368,8 +368,8 @@ class _Peer:
 
 
 def bench_latency(report: Report, env: _Env, agent: _Agent, agency: _Agency) -> dict[str, float]:
-    from agent.devicekey import b64url_decode
-    from agent.geohash import encode, request_topic
+    from agent.state.devicekey import b64url_decode
+    from agent.protocol.geohash import encode, request_topic
 
     now = datetime.now(UTC)
     empty = (now - timedelta(hours=2), now - timedelta(hours=2) + timedelta(seconds=10))  # before any footage
@@ -381,7 +381,7 @@ def bench_latency(report: Report, env: _Env, agent: _Agent, agency: _Agency) -> 
     handle_s: list[float] = []
     # The durable writes the service makes per decision (replay memory, then access log) as two bare WAL
     # commits with synchronous=FULL on the same disk, measured in the same loop so disk hiccups hit both alike.
-    from agent.replay import connect_state_db
+    from agent.state.replay import connect_state_db
 
     conn = connect_state_db(env.tmp / "commit-reference.sqlite")  # same disk as the state db
     conn.execute("CREATE TABLE t (a INTEGER PRIMARY KEY, b TEXT)")
@@ -779,7 +779,7 @@ def _counts(agent: _Agent) -> tuple[dict[str, int], dict[str, int], int]:
     pre: dict[str, int] = {}
     for row in agent.svc.accesslog.rejection_counts():
         pre[row["reason"]] = pre.get(row["reason"], 0) + row["count"]
-    return agent.transport.counters(), pre, agent.svc.accesslog.head()[0]
+    return agent.sharing.transport.counters(), pre, agent.svc.accesslog.head()[0]
 
 
 def _flood_phase(env: _Env, agent: _Agent, agency: _Agency, rec: Any, pool: list[bytes],
@@ -813,7 +813,7 @@ def _flood_phase(env: _Env, agent: _Agent, agency: _Agency, rec: Any, pool: list
             next_copy = time.monotonic() + (retry_s or FLOOD_S)
 
         while time.monotonic() < t_go + FLOOD_S:  # sample the transport's queue; publish the valid one mid-way
-            max_queued = max(max_queued, agent.transport.queued)
+            max_queued = max(max_queued, agent.sharing.transport.queued)
             maybe_publish()
             time.sleep(0.02)
         result = json.loads(_readline(proc, 40))
@@ -823,13 +823,13 @@ def _flood_phase(env: _Env, agent: _Agent, agency: _Agency, rec: Any, pool: list
         last, last_change = None, time.monotonic()
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
-            max_queued = max(max_queued, agent.transport.queued)
+            max_queued = max(max_queued, agent.sharing.transport.queued)
             maybe_publish()
             tr, pre, _ = _counts(agent)
             now_counts = (tr.get("received", 0), tr.get("queue_full", 0), sum(pre.values()))
             if now_counts != last:
                 last, last_change = now_counts, time.monotonic()
-            elif time.monotonic() - last_change >= 2.0 and agent.transport.queued == 0 \
+            elif time.monotonic() - last_change >= 2.0 and agent.sharing.transport.queued == 0 \
                     and (not retry_s or valid.jti in agent.hooks.first or time.monotonic() >= retry_until):
                 break
             time.sleep(0.1)
@@ -863,8 +863,8 @@ def _flood_phase(env: _Env, agent: _Agent, agency: _Agency, rec: Any, pool: list
 
 
 def bench_flood(report: Report, env: _Env, agent: _Agent, agency: _Agency, unflooded_p50_s: float) -> None:
-    from agent.capture.synthetic import SyntheticSource
-    from agent.cli.record import start_recording
+    from agent.buffer.capture.synthetic import SyntheticSource
+    from agent.runtime.supervisor import start_recording
 
     w, h = FLOOD_RES
     res = f"{w}x{h}/{FPS}"
@@ -921,7 +921,7 @@ def _flood_notes(f: dict[str, Any], agent: _Agent) -> None:
     print(f"    publisher: {r['sent']} sent, {r['acked']} PUBACKs ({r['failed']} with a failure code) in "
           f"{r['ack_s']:.1f} s, broker Receive Maximum {r['window']}; agent transport: received {f['received']}, "
           f"queue_full {f['queue_full']} (max queue depth seen {f['max_queued']} of 256; the agent asks for Receive "
-          f"Maximum {agent.transport._receive_maximum}); dropped by the broker (per-client queue limit): about "
+          f"Maximum {agent.sharing.transport._receive_maximum}); dropped by the broker (per-client queue limit): about "
           f"{r['acked'] + f['copies'] - f['received'] - f['queue_full']}", flush=True)
     print(f"    pre-auth counters added: {f['pre_added']}; access log added: "
           f"{[(seq, 'valid' if j == f['valid_jti'] else j, o) for seq, j, o in f['entries']]}; "

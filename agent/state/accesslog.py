@@ -41,8 +41,8 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.devicekey import DeviceKey, b64url, b64url_decode, jwk_thumbprint
-from agent.replay import connect_state_db
+from agent.state.devicekey import DeviceKey, b64url, b64url_decode, jwk_thumbprint
+from agent.state.replay import connect_state_db
 from agent.timeutil import format_utc, from_us, parse_utc_z, to_us
 
 UTC = timezone.utc
@@ -370,7 +370,7 @@ class AccessLog:
         return self._append(body, at=at, outcome=reason)
 
     def append_request(self, request: Any, *, reason: str, kids: Iterable[str], at: datetime | None = None, **extra: Any) -> tuple[int, str]:
-        """:meth:`append` for an ``agent.request.FootageRequest``-shaped object."""
+        """:meth:`append` for an ``agent.protocol.request.FootageRequest``-shaped object."""
         warrant = getattr(request, "warrant", None)
         area = request.area
         return self.append(
@@ -383,7 +383,7 @@ class AccessLog:
         )  # fmt: skip
 
     def append_decision(self, decision: Any, *, at: datetime | None = None, **extra: Any) -> tuple[int, str]:
-        """:meth:`append` for an ``agent.policy.Decision`` on an authenticated request."""
+        """:meth:`append` for an ``agent.protocol.decision.Decision`` on an authenticated request."""
         if decision.request is None:
             raise AccessLogError(f"decision {decision.reason!r} has no authenticated request; count it with count_rejection()")
         return self.append_request(

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.errors import UserError
 from agent.fsutil import write_atomically
-from agent.jws import JwsError, b64url_decode, strict_json
+from agent.protocol.jose import JwsError, b64url_decode, strict_json
 
 ROLES = ("requester", "oversight")
 _ISS = re.compile(r"[a-z0-9._-]{1,64}")
@@ -163,7 +163,7 @@ class TrustStore:
         return self._keys.get(kid)
 
     def public_key(self, kid: str) -> Ed25519PublicKey | None:
-        """For :func:`agent.jws.verify_signatures`: the key named by a header, revoked or not.
+        """For :func:`agent.protocol.jose.verify_signatures`: the key named by a header, revoked or not.
 
         A revoked or out-of-period key still verifies cryptographically here;
         the decision procedure refuses it at its own step (``key_not_valid``).

@@ -1,4 +1,4 @@
-"""The one place that turns ``[camera]`` settings into a :class:`~agent.capture.Source`.
+"""The one place that turns ``[camera]`` settings into a :class:`~agent.buffer.capture.Source`.
 
 With a privacy mask set, every source is asked for raw frames (RTSP and
 files are decoded, the Pi camera skips its hardware encoder): masked pixels
@@ -8,7 +8,7 @@ Making that choice here means no caller can forget it.
 
 from __future__ import annotations
 
-from agent.capture import Source
+from agent.buffer.capture import Source
 from agent.config import CameraConfig
 from agent.errors import UserError
 
@@ -17,15 +17,15 @@ def make_source(camera: CameraConfig, *, realtime: bool = True) -> Source:
     """A source for ``camera``; ``realtime=False`` lets synthetic and file sources run as fast as they can."""
     raw = bool(camera.masks)
     if camera.source == "synthetic":
-        from agent.capture.synthetic import SyntheticSource
+        from agent.buffer.capture.synthetic import SyntheticSource
 
         return SyntheticSource(camera.width, camera.height, camera.fps, realtime=realtime)
     if camera.source == "v4l2":
-        from agent.capture.v4l2 import V4L2Source
+        from agent.buffer.capture.v4l2 import V4L2Source
 
         return V4L2Source(camera.device, camera.width, camera.height, camera.fps)
     if camera.source in ("rtsp", "file"):
-        from agent.capture.stream import StreamSource
+        from agent.buffer.capture.stream import StreamSource
 
         if not camera.url:
             raise UserError(f"camera.source = {camera.source!r} needs camera.url (an rtsp:// address or a file path)")
@@ -34,7 +34,7 @@ def make_source(camera: CameraConfig, *, realtime: bool = True) -> Source:
             raise UserError(f"camera.url for an RTSP camera must start with rtsp://, got {camera.url.split('@')[-1]!r}")
         return StreamSource(camera.url, live=live, raw=raw, realtime=realtime or live, start_at="now")
     if camera.source == "picamera2":
-        from agent.capture.picamera2 import Picamera2Source, picamera2_available
+        from agent.buffer.capture.picamera2 import Picamera2Source, picamera2_available
 
         if not picamera2_available():
             raise UserError(

@@ -15,7 +15,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from agent.capture import Frame
+from agent.buffer.capture import Frame
 from agent.timeutil import format_utc, from_us
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from agent.jws import MalformedError, b64url_decode
+from agent.protocol.jose import MalformedError, b64url_decode
 from agent.timeutil import from_epoch, parse_utc_z
 
 MAX_LIFETIME_S = 900

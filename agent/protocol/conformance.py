@@ -3,7 +3,7 @@
 For each case, as the file's ``how_to_use`` says: start from ``agent``,
 replace the members the case's ``agent`` names, load ``trust`` as the trust
 store, set the clock to ``now``, feed ``message`` (as UTF-8 bytes, the MQTT
-payload) to :func:`agent.policy.decide`, and compare the reason (and, for
+payload) to :func:`agent.protocol.decision.decide`, and compare the reason (and, for
 ``granted``, the window) with ``expect``. The state the decision reads (seen
 jtis, earlier grants, recorded footage, clock sync, kill switch) comes from
 the vector through :class:`VectorState`.
@@ -21,9 +21,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from agent.errors import UserError
-from agent.policy import Decision, Policy, decide
+from agent.protocol.decision import Decision, Policy, decide
 from agent.timeutil import format_utc, parse_utc_z
-from agent.trust import TrustStore, TrustStoreError
+from agent.protocol.trust import TrustStore, TrustStoreError
+
+# The project's copies of the protocol's worked cases, shipped inside the package so that an installed
+# agent can check itself (``doorbell-agent conformance`` with no argument).
+BUNDLED_VECTORS = Path(__file__).with_name("vectors") / "vectors-v1.json"
+BUNDLED_DELIVERY = Path(__file__).with_name("vectors") / "delivery-v1.json"
 
 STATE_MEMBERS = ("recorded", "clock_synced", "kill_switch", "seen", "grants")
 
@@ -34,7 +39,7 @@ class VectorsError(UserError):
 
 @dataclass
 class VectorState:
-    """An in-memory :class:`agent.policy.AgentState`; also handy for tests and benchmarks."""
+    """An in-memory :class:`agent.protocol.decision.AgentState`; also handy for tests and benchmarks."""
 
     clock_synced: bool = True
     kill_switch: bool = False
@@ -126,13 +131,13 @@ def run_vectors_obj(doc: Any) -> list[CaseResult]:
     return [run_case(case if isinstance(case, dict) else {}, doc["agent"], trust) for case in doc["cases"]]
 
 
-def run_vectors(path: str | os.PathLike[str]) -> list[CaseResult]:
+def run_vectors(path: str | os.PathLike[str] = BUNDLED_VECTORS) -> list[CaseResult]:
     """Run every case of a vectors file; raise :class:`VectorsError` if the file is missing or not vectors."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise VectorsError(f"{p} does not exist; give the path of a vectors file such as ../shared/protocol/vectors-v1.json") from None
+        raise VectorsError(f"{p} does not exist; give the path of a vectors file, or no path for the bundled vectors-v1.json") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise VectorsError(f"cannot read {p}: {exc}") from None
     try:

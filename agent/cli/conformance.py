@@ -1,4 +1,4 @@
-"""``doorbell-agent conformance FILE``: check this agent's decisions against protocol vectors.
+"""``doorbell-agent conformance [FILE]``: check this agent's decisions against protocol vectors.
 
 Needs no configuration: a vectors file carries its own rules, trust store and state.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from agent.cli.common import add_json_flag, print_json
-from agent.conformance import run_vectors
+from agent.protocol.conformance import BUNDLED_VECTORS, run_vectors
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "parse, verify and decide steps and reports each case whose decision differs. "
         "Exits 1 if any case differs.",
     )
-    p.add_argument("file", metavar="FILE", help="the vectors file, e.g. ../shared/protocol/vectors-v1.json")
+    p.add_argument("file", metavar="FILE", nargs="?", default=str(BUNDLED_VECTORS),
+                   help="a vectors file (default: the vectors-v1.json bundled with this agent)")
     add_json_flag(p)
     p.set_defaults(func=_conformance)
 

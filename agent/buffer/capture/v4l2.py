@@ -26,7 +26,7 @@ from typing import Literal, Protocol
 import cv2
 import numpy as np
 
-from agent.capture import Frame, SourceUnavailable
+from agent.buffer.capture import Frame, SourceUnavailable
 
 
 def _now_us() -> int:

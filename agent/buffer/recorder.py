@@ -48,10 +48,10 @@ from typing import Any, Protocol
 
 import av
 
-from agent.capture import EncodedPacket, Frame, Source, SourceEnded, SourceUnavailable
+from agent.buffer.capture import EncodedPacket, Frame, Source, SourceEnded, SourceUnavailable
 from agent.config import BufferConfig, CameraConfig
-from agent.segmentfile import EncoderSettings, SegmentFile, pick_codec
-from agent.segments import SegmentStore
+from agent.buffer.segmentfile import EncoderSettings, SegmentFile, pick_codec
+from agent.buffer.segments import SegmentStore
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class Mask(Protocol):
 
 
 class ScaledMask:
-    """A :class:`agent.masks.PrivacyMask` rebuilt for the frame size actually delivered.
+    """A :class:`agent.buffer.masks.PrivacyMask` rebuilt for the frame size actually delivered.
 
     The resident draws polygons on the configured size; a camera may deliver
     another (a webcam that cannot do it). The mask follows the frames.
@@ -80,7 +80,7 @@ class ScaledMask:
         self._mask: Any = None
 
     def apply(self, image: Any) -> Any:
-        from agent.masks import PrivacyMask
+        from agent.buffer.masks import PrivacyMask
 
         h, w = image.shape[:2]
         if self._mask is None or (self._mask.width, self._mask.height) != (w, h):

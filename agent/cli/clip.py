@@ -60,9 +60,9 @@ def _describe_held(spans: list[tuple[int, int]]) -> str:
 
 
 def _clip(args: argparse.Namespace) -> int:
-    from agent.clips import ClipError, NoFootageError, cut_clip
-    from agent.segmentfile import EncoderSettings
-    from agent.segments import SegmentStore
+    from agent.buffer.clips import ClipError, NoFootageError, cut_clip
+    from agent.buffer.segmentfile import EncoderSettings
+    from agent.buffer.segments import SegmentStore
 
     start: datetime = parse_user_time(args.start, field="--from")
     end: datetime = parse_user_time(args.end, field="--to")

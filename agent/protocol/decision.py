@@ -21,11 +21,11 @@ from typing import Any, Literal, Protocol
 from zoneinfo import ZoneInfo
 
 from agent.config import PolicyConfig
-from agent.geo import haversine_m
-from agent.jws import BadSignatureError, MalformedError, OversizeError, UnknownKeyError, parse_unverified, verify_signatures
-from agent.request import FootageRequest
-from agent.schedule import Interval, Rule, longest_piece, scheduled_pieces
-from agent.trust import TrustStore
+from agent.protocol.geo import haversine_m
+from agent.protocol.jose import BadSignatureError, MalformedError, OversizeError, UnknownKeyError, parse_unverified, verify_signatures
+from agent.protocol.request import FootageRequest
+from agent.protocol.schedule import Interval, Rule, longest_piece, scheduled_pieces
+from agent.protocol.trust import TrustStore
 
 CLOCK_SKEW_S = 60
 RATE_WINDOW = timedelta(hours=24)
@@ -67,6 +67,12 @@ class Reason(str, Enum):
 
 
 PRE_AUTH_REASONS = frozenset({Reason.OVERSIZE, Reason.MALFORMED, Reason.UNKNOWN_KEY, Reason.BAD_SIGNATURE})
+# Checks 1 to 11: a message refused by one of these does not use up its jti (step 12), so a copy
+# stripped of its co-signature, or one that arrived late, cannot block the genuine request.
+BEFORE_REPLAY_REASONS = PRE_AUTH_REASONS | frozenset({
+    Reason.WRONG_ISSUER, Reason.OVERSIGHT_REQUIRED, Reason.WRONG_AUDIENCE, Reason.CLOCK_UNSYNCED,
+    Reason.KEY_NOT_VALID, Reason.NOT_YET_VALID, Reason.EXPIRED,
+})
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +159,11 @@ class Decision:
         return self.reason in PRE_AUTH_REASONS
 
     @property
+    def uses_jti(self) -> bool:
+        """Passed checks 1 to 11: from now on its jti counts as seen (step 12)."""
+        return self.reason not in BEFORE_REPLAY_REASONS
+
+    @property
     def shares(self) -> bool:
         return self.reason is Reason.GRANTED
 
@@ -191,7 +202,8 @@ def decide(message: bytes, *, trust: TrustStore, policy: Policy, state: AgentSta
     # 5-6: who signed.
     if not any(k is not None and k.role == "requester" and k.iss == req.iss for k in signers):
         return d(Reason.WRONG_ISSUER, f"no requester key for iss {req.iss!r} among {list(kids)}")
-    if policy.require_oversight and not any(k is not None and k.role == "oversight" for k in signers):
+    # An agency cannot oversee itself: only an oversight key of another iss counts.
+    if policy.require_oversight and not any(k is not None and k.role == "oversight" and k.iss != req.iss for k in signers):
         return d(Reason.OVERSIGHT_REQUIRED)
     # 7-11: for whom, and when.
     if req.aud != policy.program:

@@ -76,11 +76,11 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent import geohash
+from agent.protocol import geohash
 from agent.config import MqttConfig
 from agent.errors import UserError
 
-log = logging.getLogger("agent.transport")
+log = logging.getLogger("agent.sharing.transport")
 
 MAX_REQUEST_BYTES = 16384
 """Protocol section 3: larger request payloads are dropped unread."""

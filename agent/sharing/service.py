@@ -2,10 +2,10 @@
 
 Three threads, so that nothing slow sits in front of anything urgent:
 
-- paho's network thread (inside :class:`~agent.transport.MqttTransport`) only
+- paho's network thread (inside :class:`~agent.sharing.transport.MqttTransport`) only
   checks sizes and enqueues;
 - the **decision worker** takes one message at a time, runs the pure decision
-  (:func:`agent.policy.decide`), records it durably (replay memory, access
+  (:func:`agent.protocol.decision.decide`), records it durably (replay memory, access
   log, a delivery job or a pending approval) and only then acknowledges the
   message to the broker, so a crash never loses a request it has not
   recorded;
@@ -39,25 +39,25 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from agent.accesslog import AccessLog
-from agent.approvals import ApprovalQueue, PendingApproval
-from agent.clips import ClipError, NoFootageError, cut_clip
-from agent.clock import ClockSource, SystemClock
+from agent.state.accesslog import AccessLog
+from agent.state.approvals import ApprovalQueue, PendingApproval
+from agent.buffer.clips import ClipError, NoFootageError, cut_clip
+from agent.state.clock import ClockSource, SystemClock
 from agent.config import AgentConfig
-from agent.delivery import SealedDelivery, resume_delivery, seal_delivery
-from agent.devicekey import DeviceKey, b64url
+from agent.protocol.sealing import SealedDelivery, resume_delivery, seal_delivery
+from agent.state.devicekey import DeviceKey, b64url
 from agent.fsutil import write_atomically
-from agent.geohash import subscription_filter
-from agent.killswitch import KillSwitch
-from agent.policy import Decision, Policy, Reason, decide
-from agent.recorder import read_status, write_json_atomic
-from agent.replay import ReplayMemory
-from agent.segments import SegmentStore
+from agent.protocol.geohash import subscription_filter
+from agent.state.killswitch import KillSwitch
+from agent.protocol.decision import Decision, Policy, Reason, decide
+from agent.buffer.recorder import read_status, write_json_atomic
+from agent.state.replay import ReplayMemory
+from agent.buffer.segments import SegmentStore
 from agent.timeutil import format_utc, from_us, parse_utc_z, to_us
-from agent.transport import MqttTransport, default_client_id
-from agent.trust import TrustStore, TrustStoreError
+from agent.sharing.transport import MqttTransport, default_client_id
+from agent.protocol.trust import TrustStore, TrustStoreError
 
-log = logging.getLogger("agent.service")
+log = logging.getLogger("agent.sharing.service")
 
 UTC = timezone.utc
 HOUSEKEEPING_S = 1.0
@@ -387,7 +387,8 @@ class RequestService:
                 self.state.forget_jti = None
         req = d.request
         assert req is not None
-        self.replay.remember(req.jti, d.payload_sha256, req.exp, now=now)
+        if d.uses_jti:
+            self.replay.remember(req.jti, d.payload_sha256, req.exp, now=now)
         c.decided += 1
         c.last_decision = {"jti": req.jti, "iss": req.iss, "reason": str(d.reason), "at": format_utc(now)}
         if d.reason is Reason.GRANTED:

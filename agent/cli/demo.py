@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def _demo(args: argparse.Namespace) -> int:
     import logging
 
-    from agent.cli.record import _log_to_stderr
+    from agent.runtime.supervisor import _log_to_stderr
     from agent.demo import run_demo
 
     _log_to_stderr()

@@ -1,6 +1,6 @@
 """The rolling buffer's index: which finished segments exist, which times they hold.
 
-The segment files (see :mod:`agent.segmentfile`) are the footage; this SQLite
+The segment files (see :mod:`agent.buffer.segmentfile`) are the footage; this SQLite
 index (WAL mode, so ``status`` and the clip cutter can read while the recorder
 writes) is how the agent finds minutes without listing directories.
 
@@ -36,9 +36,9 @@ from pathlib import Path
 
 import av
 
-from agent.capture import EncodedPacket
+from agent.buffer.capture import EncodedPacket
 from agent.config import AgentConfig, BufferConfig
-from agent.segmentfile import PART_SUFFIX, TIME_BASE, SegmentFile, SegmentFileInfo
+from agent.buffer.segmentfile import PART_SUFFIX, TIME_BASE, SegmentFile, SegmentFileInfo
 
 log = logging.getLogger(__name__)
 

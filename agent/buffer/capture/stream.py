@@ -49,7 +49,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import av
 
-from agent.capture import EncodedPacket, Frame, SourceEnded, SourceUnavailable, stamp_forward
+from agent.buffer.capture import EncodedPacket, Frame, SourceEnded, SourceUnavailable, stamp_forward
 from agent.timeutil import to_us
 
 if TYPE_CHECKING:

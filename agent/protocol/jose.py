@@ -10,7 +10,7 @@ from the first by anything but its bytes, and no JOSE feature (``jku``,
 Only :func:`verify_signatures` makes it trusted: it returns the distinct
 signer kids once every signature present has verified.
 
-Both layers raise rather than return codes; :mod:`agent.policy` maps the
+Both layers raise rather than return codes; :mod:`agent.protocol.decision` maps the
 exceptions to section-4 reasons.
 """
 

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import av
 import numpy as np
 
-from agent.capture import EncodedPacket, Frame, SourceUnavailable, stamp_forward
+from agent.buffer.capture import EncodedPacket, Frame, SourceUnavailable, stamp_forward
 
 if TYPE_CHECKING:
     from av.video.stream import VideoStream

@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from agent.devicekey import DeviceKey, b64url, b64url_decode
+from agent.state.devicekey import DeviceKey, b64url, b64url_decode
 from agent.timeutil import UTC, format_utc
 
 CHUNK_BYTES = 262144

@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent.capture import Source
+from agent.buffer.capture import Source
 from agent.cli.common import add_json_flag, config_from, print_json
 from agent.config import AgentConfig, CameraConfig
 from agent.errors import UserError
-from agent.recorder import Mask, Recorder, ScaledMask, now_us, read_status
-from agent.segments import SegmentStore
+from agent.buffer.recorder import Mask, Recorder, ScaledMask, now_us, read_status
+from agent.buffer.segments import SegmentStore
 from agent.timeutil import format_local, format_utc, from_us
 
 log = logging.getLogger("agent.run")
@@ -97,7 +97,7 @@ def recorder_running(cfg: AgentConfig) -> bool:
 
 def make_camera(camera: CameraConfig) -> Source:
     """The configured camera (the capture factory picks raw frames whenever a mask is set)."""
-    from agent.capture.factory import make_source
+    from agent.buffer.capture.factory import make_source
 
     return make_source(camera)
 
@@ -106,7 +106,7 @@ def make_mask(camera: CameraConfig) -> Mask | None:
     """The privacy mask, sized to whatever frames the camera really delivers."""
     if not camera.masks:
         return None
-    from agent.masks import PrivacyMask
+    from agent.buffer.masks import PrivacyMask
 
     PrivacyMask(camera.masks, camera.width, camera.height)  # check the polygons now, not at the first frame
     return ScaledMask(camera.masks, (camera.width, camera.height))
@@ -197,7 +197,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     log.info("doorbell-agent starting (pid %d)", os.getpid())
     starters = list(COMPONENTS)
     if cfg.policy is not None and cfg.mqtt is not None:
-        from agent.service import start_service
+        from agent.sharing.service import start_service
 
         starters.append(start_service)
     else:
@@ -247,7 +247,7 @@ def gather_status(cfg: AgentConfig, now: int | None = None) -> dict[str, Any]:
             gaps=[{"start": format_utc(from_us(g.start_us), ms=True), "end": format_utc(from_us(g.end_us), ms=True),
                    "seconds": round((g.end_us - g.start_us) / 1e6, 3), "reason": g.reason} for g in s.gaps],
         )
-    from agent.service import sharing_status
+    from agent.sharing.service import sharing_status
 
     return {"recorder": rec, "buffer": buf, "sharing": sharing_status(cfg)}
 
@@ -294,7 +294,7 @@ def status_lines(data: dict[str, Any]) -> list[str]:
         for g in buf["gaps"]:
             out.append(f"  {_local_z(g['start'])} to {_local_z(g['end'])} ({human_duration(g['seconds'])}): {g['reason']}")
     if "sharing" in data:
-        from agent.service import sharing_lines
+        from agent.sharing.service import sharing_lines
 
         out.extend(sharing_lines(data["sharing"]))
     return out

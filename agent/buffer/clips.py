@@ -3,7 +3,7 @@
 A clip holds every frame whose capture time lies in ``[start_us, end_us)`` and
 no other frame. Re-encoding a whole window would cost a Pi minutes per hour of
 footage, so the cutter works keyframe group by keyframe group (segment format:
-see :mod:`agent.segmentfile`):
+see :mod:`agent.buffer.segmentfile`):
 
 - a group wholly inside the window is copied packet for packet;
 - a group straddling a window edge is decoded and only its frames inside the
@@ -12,7 +12,7 @@ see :mod:`agent.segmentfile`):
 
 Copied and re-encoded packets must decode as one stream in one MP4 track.
 The re-encoder uses the recorder's own settings
-(:func:`agent.segmentfile.open_encoder_stream`), so for the agent's own
+(:func:`agent.buffer.segmentfile.open_encoder_stream`), so for the agent's own
 footage its SPS/PPS are byte-identical to the segments' (x264 puts no
 per-stream timing in them) and the clip is a plain ``avc1`` track with one
 ``avcC``: mode **splice**. When they differ - footage stream-copied from an
@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, BinaryIO, Literal, Protocol
 import av
 
 from agent.fsutil import fsync_dir
-from agent.segmentfile import TIME_BASE, EncoderSettings, open_encoder_stream
+from agent.buffer.segmentfile import TIME_BASE, EncoderSettings, open_encoder_stream
 from agent.timeutil import format_utc, from_us
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ Progress = Callable[[float], None]
 
 
 class SegmentLike(Protocol):
-    """What the cutter needs from an index record (``agent.segments.SegmentRecord``)."""
+    """What the cutter needs from an index record (``agent.buffer.segments.SegmentRecord``)."""
 
     @property
     def path(self) -> Path: ...

@@ -11,7 +11,7 @@ import argparse
 import unicodedata
 from datetime import datetime, timezone, tzinfo
 
-from agent.approvals import ApprovalQueue, PendingApproval, parse_id
+from agent.state.approvals import ApprovalQueue, PendingApproval, parse_id
 from agent.cli.common import add_json_flag, config_from, print_json
 from agent.timeutil import format_local, format_utc, local_zone
 

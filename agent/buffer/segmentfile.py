@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Literal
 import av
 import cv2
 
-from agent.capture import EncodedPacket, Frame
+from agent.buffer.capture import EncodedPacket, Frame
 from agent.fsutil import fsync_dir
 
 if TYPE_CHECKING:

@@ -1,0 +1,1 @@
+"""The long-running process: starts the recorder and the sharing service, stops them together."""

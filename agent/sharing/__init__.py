@@ -1,0 +1,1 @@
+"""The sharing path: the request worker, its outbox of deliveries and the MQTT transport."""
