@@ -26,6 +26,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TextIO
 
+from agent.state.truststore import save_trust_store
 from agent.errors import UserError
 
 UTC = timezone.utc
@@ -163,7 +164,7 @@ def run_demo(workdir: Path | None, *, seconds: float = 12.0, out: TextIO = sys.s
         keys = keygen(iss="demo-pd", kid="demo-pd-1", out_dir=city)
         trust = TrustStore.from_jwks(keys.public_jwks)
         cfg.paths.data_dir.mkdir(parents=True, exist_ok=True)
-        trust.save(cfg.paths.trust_file)
+        save_trust_store(trust, cfg.paths.trust_file)
         say("2. The city made a signing key; the resident imported its public key (doorbell-agent trust add).")
 
         recording = start_recording(cfg)

@@ -16,16 +16,20 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from agent.city import DeliveryRejected, open_delivery
 from agent.city.requests import new_recipient_key
+from agent.protocol import sealing
 from agent.protocol.sealing import (
     CHUNK_BYTES,
     HPKE_SUITE,
     SealedDelivery,
+    chunk_nonce,
     chunk_topic,
     manifest_topic,
     resume_delivery,
     seal_delivery,
 )
-from agent.state.devicekey import DeviceKey, b64url, b64url_decode, jwk_thumbprint
+from agent.protocol.jose import b64url_decode, jwk_thumbprint
+from agent.protocol.jose import b64url_encode as b64url
+from agent.state.devicekey import DeviceKey
 from agent.timeutil import UTC
 from tests.conftest import DELIVERY_VECTOR
 
@@ -267,7 +271,7 @@ def test_manifest_whose_kid_is_not_the_device_thumbprint_fails(clip: bytes, reci
         (lambda h, p: p.update(extra=1), "unexpected \\['extra'\\]"),
         (lambda h, p: p["media"].pop("frames"), "missing \\['frames'\\]"),
         (lambda h, p: h.update(typ="JWT"), "typ"),
-        (lambda h, p: h.update(crit=["x"]), "header has the wrong members"),
+        (lambda h, p: h.update(crit=["x"]), "header members must be exactly alg, kid, typ"),
         (lambda h, p: p["enc"].update(chunk_bytes=1000), "chunk_bytes"),
         (lambda h, p: p.update(v=True), "v is True"),
     ],
@@ -316,18 +320,51 @@ def test_resume_refuses_a_different_clip(clip: bytes, recipient: tuple[dict[str,
         resume_delivery(changed, first.resume_state())
 
 
-def test_chunks_are_sealed_only_when_asked(recipient: tuple[dict[str, str], dict[str, str]]) -> None:
-    """A publisher that stops (kill switch) after chunk k never sealed chunk k+1."""
-    _, public = recipient
-    sealed = _seal(os.urandom(5 * CHUNK_BYTES), public)
+def test_chunks_are_sealed_only_when_asked(recipient: tuple[dict[str, str], dict[str, str]],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A publisher that stops (kill switch) after chunk 1 never sealed chunk 2, nor any later one.
+
+    Every ChaCha20-Poly1305 encryption the sealing module performs is recorded by its nonce,
+    which names the chunk (protocol section 5), so sealing one chunk too many is seen.
+    """
+    private, public = recipient
+    encrypted: list[int] = []
+    nonces = {chunk_nonce(n): n for n in range(5)}
+
+    class RecordingAead:
+        def __init__(self, key: bytes) -> None:
+            self._aead = ChaCha20Poly1305(key)
+
+        def encrypt(self, nonce: bytes, data: Any, aad: bytes) -> bytes:
+            encrypted.append(nonces[bytes(nonce)])
+            return self._aead.encrypt(nonce, data, aad)
+
+    monkeypatch.setattr(sealing, "ChaCha20Poly1305", RecordingAead)
+    clip = os.urandom(5 * CHUNK_BYTES)
+    sealed = _seal(clip, public)
+    assert sealed.chunk_count == 5 and encrypted == []  # the manifest is signed, no chunk sealed yet
+
     taken = []
     for n, payload in enumerate(sealed.chunks):
         taken.append(payload)
         if n == 1:
             break
-    assert len(taken) == 2
+    assert encrypted == [0, 1]
+
+    published = []
+    for topic, payload in sealed.publications("civic/test"):
+        published.append(topic)
+        if len(published) == 3:  # the manifest, chunk 0, chunk 1: then the kill switch
+            break
+    assert published[1:] == [sealed.chunk_topic("civic/test", 0), sealed.chunk_topic("civic/test", 1)]
+    assert encrypted == [0, 1, 0, 1]
+
     with pytest.raises(IndexError):
         sealed.chunk(5)
+    assert encrypted == [0, 1, 0, 1]
+    # What was taken is the real ciphertext: with the rest sealed afterwards the delivery opens.
+    rest = {n: sealed.chunk(n) for n in range(2, 5)}
+    assert open_delivery(sealed.manifest, {0: taken[0], 1: taken[1], **rest}, private, JTI).clip == clip
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.state.devicekey import DeviceKey, DeviceKeyError, b64url_decode, jwk_thumbprint
+from agent.protocol.jose import b64url_decode, jwk_thumbprint
+from agent.state.devicekey import DeviceKey, DeviceKeyError
 from tests.conftest import DELIVERY_VECTOR
 
 

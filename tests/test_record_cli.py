@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main
-from agent.buffer.recorder import write_json_atomic
+from agent.runtime.status import write_json_atomic
 from agent.buffer.segments import SegmentStore
 from tests.buffer_helpers import now_us, write_segment
 

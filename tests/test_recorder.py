@@ -87,6 +87,8 @@ def test_privacy_mask_pixels_are_never_stored(tmp_path: Path) -> None:
 
 
 def test_camera_outage_reconnects_with_backoff_and_records_the_gap(tmp_path: Path) -> None:
+    """Unplug the camera mid-recording: no frame is lost, the outage is a recorded gap, the
+    recorder backs off between reopen attempts and counts exactly one reconnect."""
     store = make_store(tmp_path)
     t0 = now_us() - 60_000_000
     outage = 5_000_000
@@ -109,7 +111,9 @@ def test_camera_outage_reconnects_with_backoff_and_records_the_gap(tmp_path: Pat
     waits = np.diff(src.open_times[1:])
     assert len(src.open_times) == 1 + 4
     assert all(w >= expected * 0.95 for w, expected in zip(waits, [0.1, 0.2, 0.2]))
-    assert stats.reconnects == 1 and "camera unplugged" in (stats.last_error or "") or "no such device" in (stats.last_error or "")
+    # One reconnect, however many reopen attempts it took; the last error is the last refused reopen.
+    assert stats.reconnects == 1
+    assert stats.last_error == "camera unavailable: no such device"
     status = json.loads((tmp_path / "status.json").read_text())
     assert status["reconnects"] == 1 and status["last_error"].startswith("camera unavailable")
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from agent.protocol.request import FootageRequest, RequestError
+from agent.timeutil import parse_utc_z
 from tests import protocol_signing as ps
 
 UTC = timezone.utc
@@ -26,6 +27,16 @@ def with_change(path: str, value: Any) -> dict[str, Any]:
     else:
         obj[last] = value
     return claims
+
+
+def member(r: FootageRequest, path: str) -> Any:
+    """The request's value for a claims path (``area.lat`` is ``r.area.lat``, ``window.end`` is ``r.window_end``)."""
+    if path.startswith("window."):
+        return getattr(r, path.replace(".", "_"))
+    obj: Any = r
+    for name in path.split("."):
+        obj = getattr(obj, name)
+    return obj
 
 
 def test_base_claims_become_a_request() -> None:
@@ -60,7 +71,9 @@ def test_base_claims_become_a_request() -> None:
     ],
 )
 def test_edges_that_are_allowed(path: str, value: Any) -> None:
-    FootageRequest.from_claims(with_change(path, value))
+    """A value right at the edge of its rule is accepted, and the request carries exactly that value."""
+    r = FootageRequest.from_claims(with_change(path, value))
+    assert member(r, path) == (parse_utc_z(value) if path.startswith("window.") else value)
 
 
 @pytest.mark.parametrize(

@@ -37,6 +37,7 @@ from agent.sharing.service import RequestService
 from agent.timeutil import parse_utc_z, to_us
 from agent.sharing.transport import MqttTransport
 from agent.protocol.trust import TrustStore
+from agent.state.truststore import load_trust_store, save_trust_store
 from tests.broker import Broker
 from tests.buffer_helpers import FPS, write_segment
 
@@ -86,7 +87,7 @@ def env(tmp_path: Path, write_config, broker: Broker) -> Env:
     client_id = f"agent-under-test-{tmp_path.name[-8:]}"
     cfg = cfg.model_copy(update={"mqtt": broker.mqtt_config("agent", precision=4, client_id=client_id)})
     keys = keygen(iss="jackson-pd", kid="jpd-test", out_dir=tmp_path / "city")
-    TrustStore.from_jwks(keys.public_jwks).save(cfg.paths.trust_file)
+    save_trust_store(TrustStore.from_jwks(keys.public_jwks), cfg.paths.trust_file)
     # 40 s of real H.264 ending 10 s before "now", in 4 s segments.
     store = SegmentStore.from_config(cfg)
     recorded: list[int] = []
@@ -481,9 +482,9 @@ def test_approval_is_rechecked_against_a_key_revoked_meanwhile(env: Env, write_c
     svc = in_process(env)
     built = agency.request()
     assert svc.handle(built.message.encode()).reason == "awaiting_resident"
-    trust = TrustStore.load(env.cfg.paths.trust_file)
+    trust = load_trust_store(env.cfg.paths.trust_file)
     trust.revoke("jpd-test")
-    trust.save(env.cfg.paths.trust_file)
+    save_trust_store(trust, env.cfg.paths.trust_file)
     queue_ = ApprovalQueue(env.cfg.paths.state_db)
     (held,) = queue_.pending(env.clock.now())
     queue_.approve(held.id, env.clock.now())

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from agent.protocol.trust import TrustedKey, TrustStore, TrustStoreError
+from agent.state.truststore import load_trust_store, save_trust_store
 from tests import protocol_signing as ps
 
 UTC = timezone.utc
@@ -23,7 +24,7 @@ def jwks() -> dict[str, Any]:
 
 def test_vectors_trust_store_loads() -> None:
     store = TrustStore.from_jwks(jwks())
-    assert len(store) == 6
+    assert len(store) == len(jwks()["keys"]) == 7  # jpd-internal-affairs joined in the 2026-11-29 vectors
     k = store.get("jxn-oversight-1")
     assert k is not None and k.role == "oversight" and k.iss == "jackson-oversight"
     assert store.get("nobody") is None and "jpd-2026a" in store
@@ -95,26 +96,26 @@ def test_empty_set_trusts_nobody() -> None:
 def test_save_and_load_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "trust.jwks.json"
     store = TrustStore.from_jwks(jwks())
-    store.save(path)
+    save_trust_store(store, path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     assert [p.name for p in path.parent.iterdir()] == ["trust.jwks.json"]  # no temp file left behind
-    again = TrustStore.load(path)
+    again = load_trust_store(path)
     assert again.to_jwks() == store.to_jwks()
 
 
 def test_save_replaces_atomically(tmp_path: Path) -> None:
     path = tmp_path / "trust.jwks.json"
-    TrustStore.from_jwks({"keys": []}).save(path)
+    save_trust_store(TrustStore.from_jwks({"keys": []}), path)
     inode = path.stat().st_ino
-    TrustStore.from_jwks(jwks()).save(path)
+    save_trust_store(TrustStore.from_jwks(jwks()), path)
     assert path.stat().st_ino != inode  # a new file renamed over the old one, not rewritten in place
-    assert len(TrustStore.load(path)) == 6
+    assert len(load_trust_store(path)) == len(jwks()["keys"])
 
 
 def test_missing_store_fails_closed_unless_allowed(tmp_path: Path) -> None:
     with pytest.raises(TrustStoreError, match="does not exist"):
-        TrustStore.load(tmp_path / "none.json")
-    assert len(TrustStore.load(tmp_path / "none.json", missing_ok=True)) == 0
+        load_trust_store(tmp_path / "none.json")
+    assert len(load_trust_store(tmp_path / "none.json", missing_ok=True)) == 0
 
 
 @pytest.mark.parametrize(
@@ -125,13 +126,13 @@ def test_corrupt_store_raises(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "trust.jwks.json"
     path.write_bytes(content)
     with pytest.raises(TrustStoreError, match=str(path)):
-        TrustStore.load(path)
+        load_trust_store(path)
 
 
 def test_unreadable_store_raises(tmp_path: Path) -> None:
     (tmp_path / "dir.json").mkdir()
     with pytest.raises(TrustStoreError, match="cannot read"):
-        TrustStore.load(tmp_path / "dir.json")
+        load_trust_store(tmp_path / "dir.json")
 
 
 def test_add_merges_and_never_unrevokes() -> None:
@@ -167,7 +168,7 @@ def test_revoke_unknown_kid_names_the_known_ones() -> None:
 
 def test_saved_store_is_plain_public_jwks(tmp_path: Path) -> None:
     path = tmp_path / "t.json"
-    TrustStore.from_jwks(jwks()).save(path)
+    save_trust_store(TrustStore.from_jwks(jwks()), path)
     doc = json.loads(path.read_text())
     assert all("d" not in k for k in doc["keys"])
     assert os.access(path, os.R_OK)

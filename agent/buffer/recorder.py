@@ -32,12 +32,9 @@ few seconds for ``doorbell-agent status``, which may run in another process.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
 import queue
-import secrets
 import threading
 import time
 from collections import deque
@@ -52,12 +49,16 @@ from agent.buffer.capture import EncodedPacket, Frame, Source, SourceEnded, Sour
 from agent.config import BufferConfig, CameraConfig
 from agent.buffer.segmentfile import EncoderSettings, SegmentFile, pick_codec
 from agent.buffer.segments import SegmentStore
+from agent.runtime.status import read_status, write_json_atomic  # noqa: F401 - read_status: still importable here
 
 log = logging.getLogger(__name__)
 
 # Every write of the status file costs a page on the SD card; 5 s is fresh enough for `status`.
 STATUS_INTERVAL_S = 5.0
 STATUS_VERSION = 1
+# Per-segment timings kept for benchmarks: the newest this many, so a recorder running for
+# months holds a fixed amount (at 4 s segments, about the last hour and a bit).
+FIGURES_KEPT = 1024
 
 
 def now_us() -> int:
@@ -172,8 +173,10 @@ class Recorder:
         self.status_interval_s = status_interval_s
         self.on_segment = on_segment
         self.stats = RecorderStats(status_interval_s=status_interval_s)
-        self.finalize_latencies_s: list[float] = []
-        self.retention_s: list[float] = []
+        # Seconds to finish (flush, fsync, hash, rename, index) and to run retention after each of the
+        # newest FIGURES_KEPT segments.
+        self.finalize_latencies_s: deque[float] = deque(maxlen=FIGURES_KEPT)
+        self.retention_s: deque[float] = deque(maxlen=FIGURES_KEPT)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._arrivals: deque[int] = deque(maxlen=64)
@@ -628,26 +631,3 @@ def _close_quietly(source: Source) -> None:
         source.close()
     except Exception:  # noqa: BLE001 - the camera is already gone
         log.debug("closing the source failed", exc_info=True)
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Replace ``path`` in one step so a reader never sees half a file. Not fsynced: it is live state."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A name of its own per call: the status thread and the writer's final write may overlap.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.{secrets.token_hex(4)}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, sort_keys=True))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
-
-
-def read_status(path: Path) -> dict[str, Any] | None:
-    """The recorder's last status, or None if there is none (or it cannot be read)."""
-    try:
-        data = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError, PermissionError):
-        return None
-    return data if isinstance(data, dict) else None

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import av
-import cv2
 
 from agent.buffer.capture import EncodedPacket, Frame
 from agent.fsutil import fsync_dir
@@ -137,6 +136,8 @@ class SegmentFile:
 
     def add_frame(self, frame: Frame) -> None:
         """Encode one raw frame (already masked)."""
+        import cv2  # only raw frames need it: a stream-copying recorder never loads OpenCV
+
         if self.start_us is None:
             self.start_us = frame.capture_us
         yuv = cv2.cvtColor(frame.image, cv2.COLOR_BGR2YUV_I420)

@@ -27,7 +27,6 @@ import logging
 import os
 import re
 import shutil
-import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ import av
 
 from agent.buffer.capture import EncodedPacket
 from agent.config import AgentConfig, BufferConfig
+from agent.state.db import connect
 from agent.buffer.segmentfile import PART_SUFFIX, TIME_BASE, SegmentFile, SegmentFileInfo
 
 log = logging.getLogger(__name__)
@@ -164,14 +164,11 @@ class SegmentStore:
         self.segments_dir.mkdir(parents=True, exist_ok=True)
         self.buffer_db.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.buffer_db, timeout=10, check_same_thread=False, isolation_level=None)
         # Small pages: each indexed segment rewrites two pages (table and index), and on an
-        # SD card every byte written counts. Only takes effect when the file is created.
-        self._db.execute("PRAGMA page_size=1024")
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode: a power cut may lose the last commit but never corrupts the
-        # index; the file for a lost row is an orphan that reconcile() indexes again.
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        # SD card every byte written counts. NORMAL in WAL mode: a power cut may lose the last
+        # commit but never corrupts the index; the file for a lost row is an orphan that
+        # reconcile() indexes again.
+        self._db = connect(self.buffer_db, synchronous="NORMAL", page_size=1024)
         self._db.executescript(_SCHEMA)
 
     @classmethod

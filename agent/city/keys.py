@@ -12,17 +12,16 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.state.devicekey import b64url, b64url_decode
 from agent.errors import UserError
+from agent.fsutil import write_atomically
+from agent.protocol.jose import b64url_decode, b64url_encode
 
 ISS_PATTERN = re.compile(r"^[a-z0-9._-]{1,64}$")
 # kid is free text in JOSE; we keep it to safe file-name characters because it names the key files.
@@ -44,8 +43,7 @@ class SigningKey:
 
     @property
     def x(self) -> str:
-        raw = self.private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        return b64url(raw)
+        return b64url_encode(self.private.public_key().public_bytes_raw())
 
 
 @dataclass(frozen=True)
@@ -56,16 +54,9 @@ class KeygenResult:
 
 
 def _write_new(path: Path, text: str, mode: int) -> None:
-    """Create ``path`` with ``mode`` from the start (no window where a secret is world-readable)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    except FileExistsError:
-        raise UserError(f"{path} already exists; choose another --kid or --out, or move the old file away") from None
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(path, mode)  # the umask may have removed bits we asked for
+    """Create ``path`` with ``mode`` from the start (no window where a secret is world-readable); never overwrite."""
+    if not write_atomically(path, text.encode("utf-8"), mode, replace=False):
+        raise UserError(f"{path} already exists; choose another --kid or --out, or move the old file away")
 
 
 def keygen(
@@ -88,10 +79,10 @@ def keygen(
 
     private = Ed25519PrivateKey.generate()
     key = SigningKey(private, kid, iss, role)
-    d = private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    d = private.private_bytes_raw()
     validity = {k: v for k, v in (("nbf", nbf), ("exp", exp)) if v is not None}
     public_jwk = {"kty": "OKP", "crv": "Ed25519", "x": key.x, "kid": kid, "use": "sig", "iss": iss, "role": role, **validity}
-    private_jwk = {"kty": "OKP", "crv": "Ed25519", "x": key.x, "d": b64url(d), "kid": kid, "iss": iss, "role": role, **validity}
+    private_jwk = {"kty": "OKP", "crv": "Ed25519", "x": key.x, "d": b64url_encode(d), "kid": kid, "iss": iss, "role": role, **validity}
     jwks = {"keys": [public_jwk]}
 
     private_path = out / f"{kid}.private.jwk"
@@ -115,7 +106,7 @@ def signing_key_from_jwk(jwk: dict[str, Any], *, source: str = "key") -> Signing
     if jwk["role"] not in ROLES:
         raise UserError(f"{source} has role {jwk['role']!r}; it must be requester or oversight")
     try:
-        raw = b64url_decode(jwk["d"])
+        raw = b64url_decode(jwk["d"], "d")
         private = Ed25519PrivateKey.from_private_bytes(raw)
     except (ValueError, TypeError) as exc:
         raise UserError(f"{source} has an unusable private key d ({exc})") from None

@@ -13,15 +13,13 @@ complete; it does no I/O either.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature, InvalidTag
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
@@ -36,7 +34,7 @@ from agent.protocol.sealing import (
     chunk_nonce,
     hpke_info,
 )
-from agent.state.devicekey import b64url_decode, jwk_thumbprint
+from agent.protocol.jose import JwsError, b64url_decode, ed25519_from_jwk, jwk_thumbprint, parse_compact
 from agent.errors import UserError
 from agent.timeutil import parse_utc_z
 
@@ -75,29 +73,6 @@ class OpenedDelivery:
         return parse_utc_z(g["start"]), parse_utc_z(g["end"])
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in obj:
-            raise DeliveryRejected(f"the manifest repeats the member {k!r}")
-        obj[k] = v
-    return obj
-
-
-def _reject_constant(name: str) -> Any:
-    raise DeliveryRejected(f"the manifest contains the non-number {name}")
-
-
-def _strict_json(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise DeliveryRejected(f"the manifest {what} is not JSON ({type(exc).__name__})") from None
-    if not isinstance(obj, dict):
-        raise DeliveryRejected(f"the manifest {what} is not a JSON object")
-    return obj
-
-
 def _members(obj: Any, expected: set[str], where: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise DeliveryRejected(f"manifest {where} is not an object")
@@ -128,36 +103,25 @@ def verify_manifest(manifest: str, *, jti: str, delivery_id: str | None = None) 
     ``kid`` must be its RFC 7638 thumbprint: the thumbprint is the camera's
     stable identity across deliveries, which an agency can pin if it wants.
     """
-    if not isinstance(manifest, str) or not manifest.isascii():
-        raise DeliveryRejected("the manifest is not ASCII text")
-    parts = manifest.split(".")
-    if len(parts) != 3:
-        raise DeliveryRejected("the manifest is not a JWS compact serialization (three dot-separated parts)")
     try:
-        header_raw, payload_raw, signature = (b64url_decode(p) for p in parts)
-    except ValueError as exc:
-        raise DeliveryRejected(f"the manifest is not strict base64url ({exc})") from None
-    header = _strict_json(header_raw, "header")
-    _members(header, {"alg", "kid", "typ"}, "header")
-    if header["alg"] != "Ed25519" or header["typ"] != MANIFEST_TYP:
-        raise DeliveryRejected(f"the manifest header must say alg Ed25519 and typ {MANIFEST_TYP}, not {header['alg']!r}/{header['typ']!r}")
-    claims = _strict_json(payload_raw, "payload")
-    _members(claims, MANIFEST_MEMBERS, "payload")
-
+        jws = parse_compact(manifest, typ=MANIFEST_TYP)
+    except JwsError as exc:
+        raise DeliveryRejected(f"the manifest is not a strict device-signed JWS ({exc})") from None
+    claims = _members(jws.claims, MANIFEST_MEMBERS, "payload")
     device = claims["device"]
-    if not isinstance(device, dict) or set(device) != {"kty", "crv", "x"} or device.get("kty") != "OKP" or device.get("crv") != "Ed25519":
+    if not isinstance(device, dict) or set(device) != {"kty", "crv", "x"}:
         raise DeliveryRejected("manifest device must be a public Ed25519 JWK with exactly kty, crv and x")
     try:
-        raw_x = b64url_decode(device["x"])
-        public = Ed25519PublicKey.from_public_bytes(raw_x)
-    except (ValueError, TypeError):
-        raise DeliveryRejected("manifest device x is not a 32-byte Ed25519 public key") from None
-    if header["kid"] != jwk_thumbprint(device):
+        public = ed25519_from_jwk(device, "device")
+    except JwsError:
+        raise DeliveryRejected("manifest device must be a public Ed25519 JWK (kty OKP, crv Ed25519, 32-byte x)") from None
+    if jws.kid != jwk_thumbprint(device):
         raise DeliveryRejected("the manifest's kid is not the thumbprint of its device key")
     try:
-        public.verify(signature, (parts[0] + "." + parts[1]).encode("ascii"))
-    except InvalidSignature:
+        jws.verify(public)
+    except JwsError:
         raise DeliveryRejected("the manifest signature does not verify with the device key it names") from None
+    header = {"alg": "Ed25519", "kid": jws.kid, "typ": MANIFEST_TYP}
 
     # Signed, so from here on we are checking the device's claims, not a forger's.
     if claims["v"] != 1 or isinstance(claims["v"], bool):
@@ -205,7 +169,7 @@ def x25519_private_from_jwk(jwk: Mapping[str, Any]) -> X25519PrivateKey:
     if not isinstance(jwk, Mapping) or jwk.get("kty") != "OKP" or jwk.get("crv") != "X25519" or "d" not in jwk:
         raise UserError("the recipient key is not a private X25519 JWK (kty OKP, crv X25519, with d)")
     try:
-        return X25519PrivateKey.from_private_bytes(b64url_decode(jwk["d"]))
+        return X25519PrivateKey.from_private_bytes(b64url_decode(jwk["d"], "recipient.d"))
     except (ValueError, TypeError) as exc:
         raise UserError(f"the recipient key's d is unusable ({exc})") from None
 
@@ -230,7 +194,7 @@ def open_delivery(
     recipient = x25519_private_from_jwk(recipient_private_jwk)
 
     try:
-        content_key = HPKE_SUITE.decrypt(b64url_decode(enc["key"]), recipient, hpke_info(jti, did))
+        content_key = HPKE_SUITE.decrypt(b64url_decode(enc["key"], "enc.key"), recipient, hpke_info(jti, did))
     except (ValueError, InvalidTag):
         raise DeliveryRejected(
             "the content key cannot be unsealed with this request's recipient key; "
@@ -324,7 +288,7 @@ class DeliveryCollector:
         if leaf == "manifest":
             try:
                 text = payload.decode("ascii")
-                count = json.loads(b64url_decode(text.split(".")[1]))["enc"]["chunks"]
+                count = parse_compact(text, typ=MANIFEST_TYP).claims["enc"]["chunks"]
             except (UnicodeDecodeError, ValueError, IndexError, KeyError, TypeError, RecursionError):
                 self.ignored += 1
                 return None

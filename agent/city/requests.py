@@ -6,7 +6,6 @@ puts it together with :mod:`agent.city.mqtt`.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -15,12 +14,11 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent.protocol import geohash
 from agent.city.keys import ISS_PATTERN, SigningKey
-from agent.state.devicekey import b64url, b64url_decode
+from agent.protocol.jose import b64url_decode, b64url_encode, sign_compact, sign_general, strict_json
 from agent.errors import UserError
 from agent.protocol.geo import EARTH_RADIUS_M, haversine_m
 from agent.timeutil import UTC, format_utc
@@ -78,13 +76,9 @@ def _json_number(value: float) -> int | float:
 def new_recipient_key() -> tuple[dict[str, str], dict[str, str]]:
     """A fresh X25519 key pair for one request's deliveries: (private JWK, public JWK)."""
     private = X25519PrivateKey.generate()
-    x = b64url(private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
-    d = b64url(private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()))
+    x = b64url_encode(private.public_key().public_bytes_raw())
+    d = b64url_encode(private.private_bytes_raw())
     return {"kty": "OKP", "crv": "X25519", "x": x, "d": d}, {"kty": "OKP", "crv": "X25519", "x": x}
-
-
-def _compact_json(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
 def sign_request(payload: dict[str, Any], keys: Sequence[SigningKey]) -> str:
@@ -93,15 +87,10 @@ def sign_request(payload: dict[str, Any], keys: Sequence[SigningKey]) -> str:
         raise UserError("a request carries one to four signatures")
     if len({k.kid for k in keys}) != len(keys):
         raise UserError("the same kid appears twice among the signing keys; use distinct keys")
-    payload_b64 = b64url(_compact_json(payload))
-    signatures = []
-    for key in keys:
-        protected = b64url(_compact_json({"alg": "Ed25519", "kid": key.kid, "typ": REQUEST_TYP}))
-        sig = b64url(key.sign(f"{protected}.{payload_b64}".encode("ascii")))
-        signatures.append({"protected": protected, "signature": sig})
+    headers = [{"alg": "Ed25519", "kid": key.kid, "typ": REQUEST_TYP} for key in keys]
     if len(keys) == 1:
-        return f"{signatures[0]['protected']}.{payload_b64}.{signatures[0]['signature']}"
-    return json.dumps({"payload": payload_b64, "signatures": signatures}, separators=(",", ":"))
+        return sign_compact(headers[0], payload, keys[0])
+    return sign_general(payload, list(zip(headers, keys)))
 
 
 def build_request(
@@ -162,7 +151,7 @@ def build_request(
         raise UserError("the footage window (--from to --to) may be at most 12 hours long")
     if isinstance(lifetime_s, bool) or not isinstance(lifetime_s, int) or not 1 <= lifetime_s <= MAX_LIFETIME_S:
         raise UserError(f"--lifetime {lifetime_s!r} must be a whole number of seconds from 1 to {MAX_LIFETIME_S}")
-    jti = jti or b64url(os.urandom(16))
+    jti = jti or b64url_encode(os.urandom(16))
     if not _JTI.match(jti):
         raise UserError(f"jti {jti!r} must be 16 to 64 of A-Z a-z 0-9 _ -")
 
@@ -206,10 +195,10 @@ def build_request(
 def request_claims(message: str) -> dict[str, Any]:
     """The claims of a request we built (no verification: for our own bookkeeping only)."""
     if message.startswith("{"):
-        payload_b64 = json.loads(message)["payload"]
+        payload_b64 = strict_json(message, "message")["payload"]
     else:
         payload_b64 = message.split(".")[1]
-    return json.loads(b64url_decode(payload_b64))
+    return strict_json(b64url_decode(payload_b64, "payload"), "payload")
 
 
 # --- where to publish: the precision-5 geohash cells the circle touches -------------------

@@ -2,6 +2,10 @@
 
 Each command family lives in its own module with a ``register(subparsers)``
 function; this module only assembles them and turns errors into sentences.
+Every command module is imported to build the parser, so a command module
+imports at its top only what registering needs: heavy libraries (OpenCV,
+PyAV, numpy) are imported inside the commands that use them, and pressing
+the kill switch does not wait for them (tests/test_imports.py checks this).
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ from agent.errors import UserError
 
 COMMAND_MODULES = (
     "agent.cli.config",
-    "agent.runtime.supervisor",
+    "agent.cli.run",
     "agent.cli.clip",
-    "agent.cli.policy",
+    "agent.cli.trust",
+    "agent.cli.killswitch",
+    "agent.cli.log",
     "agent.cli.conformance",
     "agent.cli.approvals",
     "agent.cli.demo",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from typing import Any
 
@@ -28,3 +30,14 @@ def add_json_flag(parser: argparse.ArgumentParser) -> None:
 def print_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=2, sort_keys=True, default=str)
     sys.stdout.write("\n")
+
+
+def log_to_stderr() -> None:
+    """Send the agent's log to stderr, once (DOORBELL_AGENT_DEBUG=1 for the details)."""
+    root = logging.getLogger("agent")
+    if not any(getattr(h, "_doorbell", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        handler._doorbell = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(logging.DEBUG if os.environ.get("DOORBELL_AGENT_DEBUG") else logging.INFO)

@@ -16,10 +16,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def _demo(args: argparse.Namespace) -> int:
     import logging
 
-    from agent.runtime.supervisor import _log_to_stderr
+    from agent.cli.common import log_to_stderr
     from agent.demo import run_demo
 
-    _log_to_stderr()
+    log_to_stderr()
     logging.getLogger("agent").setLevel(logging.WARNING)
     result = run_demo(args.workdir, seconds=args.seconds)
     ok = result.log_ok and result.frames > 0 and result.frames == result.frames_in_window

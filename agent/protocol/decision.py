@@ -95,6 +95,10 @@ class Policy:
     grants_per_issuer_per_day: int
     approval: Literal["auto", "ask"]
 
+    def consents_at(self, now: datetime) -> bool:
+        """Step 14: inside the consent period ``[start, end)`` and not withdrawn."""
+        return not self.consent_withdrawn and self.consent_start <= now < self.consent_end
+
     @classmethod
     def from_config(cls, cfg: PolicyConfig) -> Policy:
         return cls(
@@ -225,7 +229,7 @@ def decide(message: bytes, *, trust: TrustStore, policy: Policy, state: AgentSta
     # 13-18: the resident's rules.
     if state.kill_switch:
         return d(Reason.KILL_SWITCH)
-    if policy.consent_withdrawn or not policy.consent_start <= now < policy.consent_end:
+    if not policy.consents_at(now):
         return d(Reason.NO_CONSENT)
     if policy.require_warrant and req.basis != "warrant":
         return d(Reason.WARRANT_REQUIRED)

@@ -12,6 +12,10 @@ signer kids once every signature present has verified.
 
 Both layers raise rather than return codes; :mod:`agent.protocol.decision` maps the
 exceptions to section-4 reasons.
+
+This is also the project's only home for base64url, strict JSON, canonical JSON, JWK
+thumbprints and compact JWS signing and verifying: requests, delivery manifests, access-log
+checkpoints and the agency client all go through it, so one rule holds everywhere.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ import binascii
 import json
 import math
 import re
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -104,9 +109,22 @@ def strict_json(text: str | bytes, where: str) -> Any:
         raise MalformedError(where, f"not strict JSON ({exc})") from None
 
 
-def b64url_decode(segment: str, where: str) -> bytes:
-    """Unpadded base64url, alphabet checked, and canonical: exactly one spelling per byte string."""
-    if not _B64URL.fullmatch(segment) or len(segment) % 4 == 1:
+def canonical_json(obj: Any) -> bytes:
+    """The bytes this project hashes (access-log entries, thumbprints): sorted keys, no whitespace, UTF-8."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def compact_json(obj: Any) -> bytes:
+    """What this project signs: members in the order given (readable for people), no whitespace, UTF-8."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def b64url_decode(segment: str, where: str = "value") -> bytes:
+    """Unpadded base64url, alphabet checked, and canonical: exactly one spelling per byte string.
+
+    Raises :class:`MalformedError` (a ``ValueError``) naming ``where``.
+    """
+    if not isinstance(segment, str) or not _B64URL.fullmatch(segment) or len(segment) % 4 == 1:
         raise MalformedError(where, "not unpadded base64url")
     try:
         raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
@@ -144,7 +162,91 @@ class UnverifiedJws:
     signatures: tuple[UnverifiedSignature, ...]
 
 
-def _header(protected_b64: str, where: str) -> tuple[str, str]:
+def jwk_thumbprint(jwk: Mapping[str, Any]) -> str:
+    """RFC 7638 thumbprint (SHA-256, base64url) of an OKP public JWK: the ``kid`` of the device key."""
+    canonical = canonical_json({"crv": jwk["crv"], "kty": jwk["kty"], "x": jwk["x"]})
+    return b64url_encode(hashlib.sha256(canonical).digest())
+
+
+def ed25519_public_jwk(key: Ed25519PublicKey) -> dict[str, str]:
+    return {"kty": "OKP", "crv": "Ed25519", "x": b64url_encode(key.public_bytes_raw())}
+
+
+def ed25519_from_jwk(jwk: Any, where: str = "jwk") -> Ed25519PublicKey:
+    """The public key of an OKP/Ed25519 JWK; :class:`MalformedError` for anything else."""
+    if not isinstance(jwk, Mapping) or jwk.get("kty") != "OKP" or jwk.get("crv") != "Ed25519":
+        raise MalformedError(where, "not an OKP Ed25519 public key")
+    raw = b64url_decode(jwk.get("x"), f"{where}.x")  # type: ignore[arg-type]
+    if len(raw) != 32:
+        raise MalformedError(f"{where}.x", "an Ed25519 public key is 32 bytes")
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+# --- signing ------------------------------------------------------------------------
+
+
+class Signer(Protocol):
+    """Anything that signs with Ed25519: the device key, an agency key, a bare private key."""
+
+    def sign(self, data: bytes) -> bytes: ...
+
+
+def sign_compact(header: Mapping[str, Any], payload: Mapping[str, Any], signer: Signer) -> str:
+    """JWS compact serialization (RFC 7515), signed with Ed25519."""
+    signing_input = b64url_encode(compact_json(header)) + "." + b64url_encode(compact_json(payload))
+    return signing_input + "." + b64url_encode(signer.sign(signing_input.encode("ascii")))
+
+
+def sign_general(payload: Mapping[str, Any], signers: Sequence[tuple[Mapping[str, Any], Signer]]) -> str:
+    """General JSON serialization with one signature per (protected header, signer)."""
+    payload_b64 = b64url_encode(compact_json(payload))
+    signatures = []
+    for header, signer in signers:
+        protected = b64url_encode(compact_json(header))
+        signature = b64url_encode(signer.sign(f"{protected}.{payload_b64}".encode("ascii")))
+        signatures.append({"protected": protected, "signature": signature})
+    return json.dumps({"payload": payload_b64, "signatures": signatures}, separators=(",", ":"))
+
+
+# --- compact JWS from a known party (manifests, checkpoints) ------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CompactJws:
+    """A strictly parsed compact JWS with header ``{alg: Ed25519, kid, typ}``; not yet verified."""
+
+    kid: str
+    claims: dict[str, Any]
+    signing_input: bytes
+    signature: bytes
+
+    def verify(self, key: Ed25519PublicKey) -> dict[str, Any]:
+        """The claims, once the signature verifies with ``key``; :class:`BadSignatureError` otherwise."""
+        try:
+            key.verify(self.signature, self.signing_input)
+        except InvalidSignature:
+            raise BadSignatureError(self.kid, 0) from None
+        return self.claims
+
+
+def parse_compact(token: str, *, typ: str) -> CompactJws:
+    """Parse a compact JWS of type ``typ`` signed with Ed25519, without trusting it.
+
+    The same strictness as requests: exactly the header members ``alg``, ``kid``,
+    ``typ``, canonical base64url, strict JSON with an object payload.
+    """
+    if not isinstance(token, str) or not token.isascii():
+        raise MalformedError("jws", "not ASCII text")
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise MalformedError("jws", "not a JWS compact serialization (three dot-separated parts)")
+    _alg, kid = _header(parts[0], "header", typ=typ, algorithms=frozenset({"Ed25519"}))
+    payload = b64url_decode(parts[1], "payload")
+    signature = b64url_decode(parts[2], "signature")
+    return CompactJws(kid, _claims(payload), f"{parts[0]}.{parts[1]}".encode("ascii"), signature)
+
+
+def _header(protected_b64: str, where: str, *, typ: str = REQUEST_TYP, algorithms: frozenset[str] = ALGORITHMS) -> tuple[str, str]:
     header = strict_json(b64url_decode(protected_b64, where), where)
     if not isinstance(header, dict):
         raise MalformedError(where, "protected header is not a JSON object")
@@ -152,11 +254,11 @@ def _header(protected_b64: str, where: str) -> tuple[str, str]:
         extra = sorted(header.keys() - HEADER_MEMBERS)
         missing = sorted(HEADER_MEMBERS - header.keys())
         raise MalformedError(where, f"header members must be exactly alg, kid, typ (extra {extra}, missing {missing})")
-    alg, kid, typ = header["alg"], header["kid"], header["typ"]
-    if not isinstance(alg, str) or alg not in ALGORITHMS:
-        raise MalformedError(f"{where}.alg", f"{alg!r} is not Ed25519 or EdDSA")
-    if typ != REQUEST_TYP:
-        raise MalformedError(f"{where}.typ", f"{typ!r} is not {REQUEST_TYP!r}")
+    alg, kid, got_typ = header["alg"], header["kid"], header["typ"]
+    if not isinstance(alg, str) or alg not in algorithms:
+        raise MalformedError(f"{where}.alg", f"{alg!r} is not {' or '.join(sorted(algorithms))}")
+    if got_typ != typ:
+        raise MalformedError(f"{where}.typ", f"{got_typ!r} is not {typ!r}")
     if not isinstance(kid, str) or not 1 <= len(kid) <= 256:
         raise MalformedError(f"{where}.kid", "kid must be a string of 1..256 characters")
     return alg, kid

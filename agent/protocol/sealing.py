@@ -35,20 +35,19 @@ identical QoS 1 duplicate is harmless) and chunks ``k..N-1``.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, overload
+from typing import Any, Protocol, overload
 
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from agent.state.devicekey import DeviceKey, b64url, b64url_decode
+from agent.protocol.jose import JwsError, Signer, b64url_decode, b64url_encode, parse_compact, sign_compact
 from agent.timeutil import UTC, format_utc
 
 CHUNK_BYTES = 262144
@@ -61,6 +60,15 @@ CONTENT_KEY_BYTES = 32
 HPKE_SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_POLY1305)
 
 _JTI = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+
+
+class DeviceIdentity(Signer, Protocol):
+    """The device key as sealing needs it (``agent.state.devicekey.DeviceKey`` in the agent)."""
+
+    @property
+    def kid(self) -> str: ...
+
+    def public_jwk(self) -> dict[str, str]: ...
 
 
 class DeliveryError(ValueError):
@@ -96,29 +104,19 @@ def chunk_topic(root: str, jti: str, delivery_id: str, n: int) -> str:
 
 def new_delivery_id() -> str:
     """16 random bytes, base64url: new for every delivery, never derived from anything."""
-    return b64url(os.urandom(16))
+    return b64url_encode(os.urandom(16))
 
 
 def _x25519_public(jwk: dict[str, Any]) -> X25519PublicKey:
     if not isinstance(jwk, dict) or jwk.get("kty") != "OKP" or jwk.get("crv") != "X25519":
         raise DeliveryError("recipient key must be a JWK with kty OKP and crv X25519")
     try:
-        raw = b64url_decode(jwk.get("x"))  # type: ignore[arg-type]
+        raw = b64url_decode(jwk.get("x"), "recipient.x")  # type: ignore[arg-type]
     except ValueError as exc:
         raise DeliveryError(f"recipient key x is not base64url: {exc}") from None
     if len(raw) != 32:
         raise DeliveryError("recipient key x must be 32 bytes")
     return X25519PublicKey.from_public_bytes(raw)
-
-
-def _json(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
-
-
-def sign_compact(header: dict[str, Any], payload: dict[str, Any], device_key: DeviceKey) -> str:
-    """JWS compact serialization (RFC 7515) with the device's Ed25519 key."""
-    signing_input = b64url(_json(header)) + "." + b64url(_json(payload))
-    return signing_input + "." + b64url(device_key.sign(signing_input.encode("ascii")))
 
 
 class SealedChunks(Sequence[bytes]):
@@ -208,7 +206,7 @@ class SealedDelivery:
 
     def resume_state(self) -> dict[str, str]:
         """What to keep (0600, deleted afterwards) to resume this same delivery later."""
-        return {"manifest": self.manifest, "content_key": b64url(self.content_key)}
+        return {"manifest": self.manifest, "content_key": b64url_encode(self.content_key)}
 
 
 def _view(clip: bytes | bytearray | memoryview) -> memoryview:
@@ -228,7 +226,7 @@ def seal_delivery(
     *,
     jti: str,
     recipient_jwk: dict[str, Any],
-    device_key: DeviceKey,
+    device_key: DeviceIdentity,
     granted: tuple[datetime, datetime],
     frames: int,
     width: int,
@@ -283,7 +281,7 @@ def seal_delivery(
         },
         "enc": {
             "suite": SUITE_NAME,
-            "key": b64url(sealed_key),
+            "key": b64url_encode(sealed_key),
             "chunk_bytes": CHUNK_BYTES,
             "chunks": chunk_count(len(clip)),
         },
@@ -301,11 +299,11 @@ def resume_delivery(clip: bytes, state: dict[str, str]) -> SealedDelivery:
     """
     try:
         manifest = state["manifest"]
-        content_key = b64url_decode(state["content_key"])
-        payload = json.loads(b64url_decode(manifest.split(".")[1]))
+        content_key = b64url_decode(state["content_key"], "content_key")
+        payload = parse_compact(manifest, typ=MANIFEST_TYP).claims
         jti, delivery_id = payload["jti"], payload["delivery_id"]
         media, enc = payload["media"], payload["enc"]
-    except (KeyError, IndexError, ValueError, TypeError, AttributeError) as exc:
+    except (KeyError, JwsError, TypeError) as exc:
         raise DeliveryError(f"the saved delivery state is unreadable ({exc}); start a new delivery") from None
     if len(content_key) != CONTENT_KEY_BYTES:
         raise DeliveryError("the saved content key is not 32 bytes; start a new delivery")

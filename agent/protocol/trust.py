@@ -12,19 +12,15 @@ validate raises :class:`TrustStoreError`: the caller must then share nothing
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.errors import UserError
-from agent.fsutil import write_atomically
 from agent.protocol.jose import JwsError, b64url_decode, strict_json
 
 ROLES = ("requester", "oversight")
@@ -210,27 +206,6 @@ class TrustStore:
             return cls.from_jwks(obj)
         except TrustStoreError as exc:
             raise TrustStoreError(f"{source}: {exc}") from None
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str], *, missing_ok: bool = False) -> TrustStore:
-        """Read the store; ``missing_ok`` gives an empty store (trusting nobody) for a missing file."""
-        p = Path(path)
-        try:
-            data = p.read_bytes()
-        except FileNotFoundError:
-            if missing_ok:
-                return cls()
-            raise TrustStoreError(f"trust store {p} does not exist; import an agency's public keys first") from None
-        except OSError as exc:
-            raise TrustStoreError(f"cannot read trust store {p}: {exc.strerror or exc}") from None
-        return cls.from_json(data, str(p))
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write atomically (temp file, fsync, rename, fsync of the directory): a crash leaves the old or the new store."""
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.to_jwks(), indent=2) + "\n"
-        write_atomically(p, text.encode("utf-8"), 0o644)  # public keys: readable by the resident's tools
 
     # --- changing ---
 

@@ -29,7 +29,6 @@ import logging
 import mmap
 import os
 import queue
-import secrets
 import threading
 import time
 from collections import Counter, deque
@@ -44,18 +43,19 @@ from agent.state.approvals import ApprovalQueue, PendingApproval
 from agent.buffer.clips import ClipError, NoFootageError, cut_clip
 from agent.state.clock import ClockSource, SystemClock
 from agent.config import AgentConfig
-from agent.protocol.sealing import SealedDelivery, resume_delivery, seal_delivery
-from agent.state.devicekey import DeviceKey, b64url
+from agent.protocol.sealing import SealedDelivery, new_delivery_id, resume_delivery, seal_delivery
+from agent.state.devicekey import DeviceKey
 from agent.fsutil import write_atomically
 from agent.protocol.geohash import subscription_filter
 from agent.state.killswitch import KillSwitch
 from agent.protocol.decision import Decision, Policy, Reason, decide
-from agent.buffer.recorder import read_status, write_json_atomic
+from agent.runtime.status import read_status, write_json_atomic
 from agent.state.replay import ReplayMemory
 from agent.buffer.segments import SegmentStore
 from agent.timeutil import format_utc, from_us, parse_utc_z, to_us
 from agent.sharing.transport import MqttTransport, default_client_id
 from agent.protocol.trust import TrustStore, TrustStoreError
+from agent.state.truststore import load_trust_store
 
 log = logging.getLogger("agent.sharing.service")
 
@@ -140,7 +140,7 @@ class TrustCache:
             return None
         if stamp != self._stamp:
             try:
-                self._store = TrustStore.load(self.path, missing_ok=True)
+                self._store = load_trust_store(self.path, missing_ok=True)
             except TrustStoreError as exc:
                 self._fail(str(exc))  # tried again on the next message, changed file or not
             else:
@@ -395,7 +395,7 @@ class RequestService:
             assert d.granted is not None
             # The job is on disk before the grant is logged, so a grant in the log always has its job;
             # a job whose grant never got logged is dropped at the next start.
-            job = DeliveryJob(req.jti, b64url(secrets.token_bytes(16)), req.iss, req.recipient.to_jwk(),
+            job = DeliveryJob(req.jti, new_delivery_id(), req.iss, req.recipient.to_jwk(),
                               d.granted[0], d.granted[1], 0, "")
             self.outbox.add(job)
             job.log_seq, job.log_hash = self.accesslog.append_decision(d, at=now, delivery_id=job.delivery_id)
@@ -475,7 +475,7 @@ class RequestService:
                 approved = [e for e in self.accesslog.entries(jti=item.jti) if e.outcome == "approved"]
                 seq, digest = ((approved[0].seq, approved[0].hash) if approved
                                else self.accesslog.append_event(item.jti, "approved", at=now))
-                job = DeliveryJob(item.jti, b64url(secrets.token_bytes(16)), item.iss, item.extra["recipient"],
+                job = DeliveryJob(item.jti, new_delivery_id(), item.iss, item.extra["recipient"],
                                   item.granted_start, item.granted_end, seq, digest)
                 self.outbox.add(job)
                 log.info("request %s approved by you: delivering", item.jti)
@@ -534,7 +534,7 @@ class RequestService:
         """Cut, seal and publish one granted clip; returns how it ended."""
         if self.killswitch.engaged:
             return self._finish(job, "delivery_cut", chunks_sent=0, reason="kill switch engaged before the first chunk")
-        if self.policy.consent_withdrawn or not self.policy.consent_start <= self.clock.now() < self.policy.consent_end:
+        if not self.policy.consents_at(self.clock.now()):
             return self._finish(job, "delivery_cut", chunks_sent=0, reason="consent withdrawn or ended")
         sealed_state = self.outbox.sealed(job.jti)
         clip_path = self.outbox.clip_path(job.jti)
@@ -685,7 +685,7 @@ def sharing_status(cfg: AgentConfig, now: datetime | None = None) -> dict[str, A
     ok, why = SystemClock.from_config(cfg).synced()
     out["clock"] = {"synced": ok, "why": why}
     try:
-        trust = TrustStore.load(cfg.paths.trust_file, missing_ok=True)
+        trust = load_trust_store(cfg.paths.trust_file, missing_ok=True)
         out["trust"] = {"keys": len(trust), "usable": sum(1 for k in trust if k.valid_at(now)), "error": None}
     except TrustStoreError as exc:
         out["trust"] = {"keys": 0, "usable": 0, "error": str(exc)}

@@ -8,7 +8,7 @@ Why it looks like this:
   updated in place.
 - **Hash chain.** Each entry's hash covers the previous hash, so editing,
   deleting, inserting or reordering an entry breaks every hash after it.
-  The exact construction is in :data:`CHAIN_DOC` (and the README) so an
+  The exact construction is in :data:`agent.state.logverify.CHAIN_DOC` (and docs/protocol.md) so an
   auditor can re-check a copy of the database without this code.
 - **Signed checkpoints.** Anyone who can write the database can also
   recompute a hash chain; they cannot forge the device's Ed25519 signature.
@@ -28,42 +28,31 @@ Why it looks like this:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.state.devicekey import DeviceKey, b64url, b64url_decode, jwk_thumbprint
-from agent.state.replay import connect_state_db
+from agent.protocol.jose import canonical_json, sign_compact
+from agent.state.db import connect, transaction
+from agent.state.devicekey import DeviceKey
+from agent.state.logverify import (
+    CHECKPOINT_TYP,
+    GENESIS_HASH,
+    LOG_ID,
+    VerifyReport,
+    chain_hash,
+    verify_connection,
+)
 from agent.timeutil import format_utc, from_us, parse_utc_z, to_us
 
 UTC = timezone.utc
-
-DOMAIN = b"doorbell-agent/access-log/v1\x00"
-GENESIS_HASH = bytes(32)
-CHECKPOINT_TYP = "access-log-checkpoint+jwt"
-LOG_ID = "doorbell-agent/access-log/v1"
-
-CHAIN_DOC = """\
-hash_0 = 32 zero bytes (genesis)
-hash_n = SHA-256( "doorbell-agent/access-log/v1" || 0x00 || hash_{n-1} (32 raw bytes) || entry_n )
-entry_n = the UTF-8 bytes stored in column access_log.entry for seq n: the entry's JSON with
-          keys sorted, no whitespace, non-ASCII characters unescaped; it contains "seq": n.
-access_log.hash holds hash_n and access_log.prev_hash holds hash_{n-1}, both as lowercase hex.
-seq runs 1, 2, 3, ... with no gaps.
-A checkpoint is a JWS compact serialization signed by the device's Ed25519 key:
-header {"alg":"Ed25519","kid":<RFC 7638 thumbprint of the device JWK>,"typ":"access-log-checkpoint+jwt"},
-payload {"v":1,"log":"doorbell-agent/access-log/v1","seq":n,"hash":<hash_n hex>,"iat":<NumericDate>,
-         "at":<RFC 3339 UTC>,"device":<device public JWK>}; seq 0 names the genesis hash.
-"""
 
 PRE_AUTH_REASONS = ("oversize", "malformed", "unknown_key", "bad_signature")
 DECISION_REASONS = (
@@ -111,14 +100,6 @@ CREATE TABLE IF NOT EXISTS preauth_counters (
 
 class AccessLogError(Exception):
     """Bad input to the log (a bug in the caller), never a reason to crash the agent on a network message."""
-
-
-def canonical_json(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
-
-
-def chain_hash(prev: bytes, entry: bytes) -> bytes:
-    return hashlib.sha256(DOMAIN + prev + entry).digest()
 
 
 def _utc_ms(dt: datetime) -> datetime:
@@ -205,67 +186,6 @@ class Checkpoint:
         return {"seq": self.seq, "hash": self.hash, "at": format_utc(self.at), "kid": self.kid, "jws": self.jws}
 
 
-@dataclass(frozen=True)
-class Problem:
-    seq: int
-    kind: str  # deleted | changed | reordered | inserted | checkpoint_mismatch | checkpoint_signature | truncated
-    message: str
-
-
-@dataclass
-class VerifyReport:
-    entries: int = 0
-    head_seq: int = 0
-    head_hash: str = GENESIS_HASH.hex()
-    checkpoints: int = 0
-    checkpoints_ok: int = 0
-    last_checkpoint_seq: int | None = None
-    problems: list[Problem] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    @property
-    def first_problem(self) -> Problem | None:
-        return min(self.problems, key=lambda p: p.seq) if self.problems else None
-
-    @property
-    def first_bad_seq(self) -> int | None:
-        p = self.first_problem
-        return p.seq if p else None
-
-    def to_json(self) -> dict[str, Any]:
-        first = self.first_problem
-        return {
-            "ok": self.ok,
-            "entries": self.entries,
-            "verified_through": {"seq": self.head_seq, "hash": self.head_hash},
-            "checkpoints": self.checkpoints,
-            "checkpoints_ok": self.checkpoints_ok,
-            "last_checkpoint_seq": self.last_checkpoint_seq,
-            "first_bad_seq": first.seq if first else None,
-            "problem": first.message if first else None,
-            "problems": [{"seq": p.seq, "kind": p.kind, "message": p.message} for p in sorted(self.problems, key=lambda p: p.seq)],
-            "notes": self.notes,
-        }
-
-
-def _public_key(key: DeviceKey | Ed25519PublicKey | Mapping[str, str] | None) -> tuple[Ed25519PublicKey, str] | None:
-    if key is None:
-        return None
-    if isinstance(key, DeviceKey):
-        return key.public, key.kid
-    if isinstance(key, Ed25519PublicKey):
-        from cryptography.hazmat.primitives import serialization
-
-        raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        return key, jwk_thumbprint({"kty": "OKP", "crv": "Ed25519", "x": b64url(raw)})
-    jwk = dict(key)
-    return Ed25519PublicKey.from_public_bytes(b64url_decode(jwk["x"])), jwk_thumbprint(jwk)
-
-
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -294,9 +214,9 @@ class AccessLog:
         self.checkpoint_interval = checkpoint_interval
         self._clock = clock
         self._lock = threading.Lock()
-        self._conn = connect_state_db(self.path)
+        self._conn = connect(self.path)
         # Counters are not evidence, and a flood must not cost one fsync per message.
-        self._counters = connect_state_db(self.path, synchronous="NORMAL")
+        self._counters = connect(self.path, synchronous="NORMAL")
         with self._lock:
             self._conn.executescript(_SCHEMA)
 
@@ -410,10 +330,7 @@ class AccessLog:
 
     def _append(self, body: dict[str, Any], *, at: datetime | None, outcome: str, ref_jti: str | None = None) -> tuple[int, str]:
         when = _utc_ms(at or self._clock())
-        with self._lock:
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+        with self._lock, transaction(self._conn) as conn:
                 if ref_jti is not None:
                     ref = conn.execute(
                         "SELECT seq, iss FROM access_log WHERE jti = ? AND type = 'decision' ORDER BY seq LIMIT 1", (ref_jti,)
@@ -436,10 +353,6 @@ class AccessLog:
                      data.decode("utf-8"), prev_hash.hex(), digest.hex()),
                 )  # fmt: skip
                 self._checkpoint_if_due_locked(self._clock(), seq, digest)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
         return seq, digest.hex()
 
     def count_rejection(self, reason: str, at: datetime | None = None, count: int = 1) -> None:
@@ -466,33 +379,17 @@ class AccessLog:
         """Sign the current head now (on demand)."""
         if self.device_key is None:
             raise AccessLogError("writing a checkpoint needs the device key")
-        with self._lock:
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                seq, digest = self._head_locked()
-                cp = self._write_checkpoint_locked(now or self._clock(), seq, digest)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        return cp
+        with self._lock, transaction(self._conn):
+            seq, digest = self._head_locked()
+            return self._write_checkpoint_locked(now or self._clock(), seq, digest)
 
     def checkpoint_if_due(self, now: datetime | None = None) -> Checkpoint | None:
         """For the service's timer: sign the head if an entry has waited ``checkpoint_interval``."""
         if self.device_key is None:
             return None
-        with self._lock:
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                seq, digest = self._head_locked()
-                cp = self._checkpoint_if_due_locked(now or self._clock(), seq, digest)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        return cp
+        with self._lock, transaction(self._conn):
+            seq, digest = self._head_locked()
+            return self._checkpoint_if_due_locked(now or self._clock(), seq, digest)
 
     def _head_locked(self) -> tuple[int, bytes]:
         head = self._conn.execute("SELECT seq, hash FROM access_log ORDER BY seq DESC LIMIT 1").fetchone()
@@ -520,8 +417,7 @@ class AccessLog:
             "v": 1, "log": LOG_ID, "seq": seq, "hash": digest.hex(),
             "iat": int(when.timestamp()), "at": format_utc(when, ms=True), "device": key.public_jwk(),
         }  # fmt: skip
-        signing_input = b64url(canonical_json(header)) + "." + b64url(canonical_json(payload))
-        jws = signing_input + "." + b64url(key.sign(signing_input.encode("ascii")))
+        jws = sign_compact(header, payload, key)
         self._conn.execute(
             "INSERT INTO access_log_checkpoints (seq, hash, at_us, kid, jws) VALUES (?, ?, ?, ?, ?)",
             (seq, digest.hex(), to_us(when), key.kid, jws),
@@ -588,151 +484,8 @@ class AccessLog:
     # ------------------------------------------------------------ verification
 
     def verify(self, device_public_key: DeviceKey | Ed25519PublicKey | Mapping[str, str] | None = None) -> VerifyReport:
-        """Re-check the whole chain and every checkpoint; name the first bad entry.
-
-        Give the device's public key to check checkpoint signatures against it;
-        without it they are checked against the key written in each checkpoint
-        (which proves less, and the report says so).
-        """
-        with self._lock:
-            conn = self._conn
-            conn.execute("BEGIN")  # one snapshot of both tables; the service may keep appending meanwhile
-            try:
-                count = int(conn.execute("SELECT COUNT(*) FROM access_log").fetchone()[0])
-                cps = conn.execute("SELECT seq, hash, kid, jws FROM access_log_checkpoints ORDER BY seq, id").fetchall()
-                rows = conn.execute(
-                    "SELECT seq, at_us, type, jti, iss, outcome, entry, prev_hash, hash FROM access_log ORDER BY seq"
-                )  # streamed: a years-long log need not fit in memory
-                report = verify_rows(rows, cps, _public_key(device_public_key))
-            finally:
-                conn.execute("COMMIT")
-        report.entries = count
-        return report
-
-
-def _entry_problem(row: tuple[Any, ...], expected: int, prev: bytes) -> tuple[Problem | None, bytes]:
-    seq, at_us, typ, jti, iss, outcome, entry, prev_hash, stored = row
-    if not isinstance(seq, int) or seq < expected:
-        return Problem(expected, "inserted", f"an entry numbered {seq!r} was inserted where entry {expected} belongs."), prev
-    if seq > expected:
-        missing = f"entry {expected} is" if seq == expected + 1 else f"entries {expected} to {seq - 1} are"
-        return Problem(expected, "deleted", f"{missing} missing: the log jumps from entry {expected - 1} to entry {seq}; the missing entries were deleted."), prev
-    data = entry.encode("utf-8") if isinstance(entry, str) else bytes(entry or b"")
-    digest = chain_hash(prev, data)
-    try:
-        obj = json.loads(data)
-    except ValueError:
-        obj = None
-    if not isinstance(obj, dict):
-        return Problem(seq, "changed", f"entry {seq} is no longer readable JSON; it was changed after it was written."), digest
-    inner = obj.get("seq")
-    if inner != seq:
-        return Problem(seq, "reordered", f"entry {seq} holds the content written as entry {inner}: entries were moved, inserted or renumbered."), digest
-    if prev_hash != prev.hex():
-        return Problem(seq, "changed", f"entry {seq} does not follow on from entry {seq - 1}: an entry before it was changed, removed or inserted."), digest
-    if stored != digest.hex():
-        return Problem(seq, "changed", f"entry {seq} was changed after it was written: its content no longer matches its hash."), digest
-    try:
-        at_ok = to_us(parse_utc_z(obj.get("at"))) == at_us
-    except (ValueError, TypeError):
-        at_ok = False
-    outcome_in_entry = obj.get("reason") if obj.get("type") == "decision" else obj.get("event")
-    if not at_ok or (typ, jti, iss, outcome) != (obj.get("type"), obj.get("jti"), obj.get("iss"), outcome_in_entry):
-        return Problem(seq, "changed", f"entry {seq}'s searchable columns (time, request, agency or outcome) were changed; they no longer match the recorded entry."), digest
-    return None, digest
-
-
-def _check_jws(jws: str, key: tuple[Ed25519PublicKey, str] | None) -> tuple[dict[str, Any] | None, str | None]:
-    """Return (payload, None) if the checkpoint's signature holds, else (None, why)."""
-    try:
-        h64, p64, s64 = jws.split(".")
-        header = json.loads(b64url_decode(h64))
-        payload = json.loads(b64url_decode(p64))
-        sig = b64url_decode(s64)
-    except (ValueError, AttributeError):
-        return None, "is not a readable signed checkpoint"
-    if not isinstance(header, dict) or not isinstance(payload, dict):
-        return None, "is not a readable signed checkpoint"
-    if header.get("alg") != "Ed25519" or header.get("typ") != CHECKPOINT_TYP:
-        return None, "has an unexpected header"
-    if key is None:
-        try:
-            pub, kid = _public_key(payload["device"])  # type: ignore[misc, arg-type]
-        except (KeyError, TypeError, ValueError):
-            return None, "names no usable device key"
-    else:
-        pub, kid = key
-    if header.get("kid") != kid:
-        return None, f"was signed by key {header.get('kid')!r}, not this device's key {kid!r}"
-    try:
-        pub.verify(sig, f"{h64}.{p64}".encode("ascii"))
-    except InvalidSignature:
-        return None, "has a signature that does not verify"
-    if payload.get("log") != LOG_ID or type(payload.get("seq")) is not int or not isinstance(payload.get("hash"), str):
-        return None, "has an unexpected payload"
-    return payload, None
-
-
-def verify_rows(
-    rows: Iterable[tuple[Any, ...]], cps: list[tuple[Any, ...]], key: tuple[Ed25519PublicKey, str] | None
-) -> VerifyReport:
-    """The verification itself, over rows ``(seq, at_us, type, jti, iss, outcome, entry, prev_hash, hash)`` in seq order
-    and checkpoint rows ``(seq, hash, kid, jws)``."""
-    report = VerifyReport(checkpoints=len(cps))
-    wanted = {int(cp[0]) for cp in cps}
-    if key is None and cps:
-        report.notes.append(
-            "checkpoint signatures were checked against the key written in each checkpoint, not against this device's key file"
-        )
-    prev = GENESIS_HASH
-    hashes: dict[int, bytes] = {0: GENESIS_HASH}
-    expected = 1
-    broken_at: int | None = None
-    for row in rows:
-        problem, digest = _entry_problem(row, expected, prev)
-        if problem is not None:
-            report.problems.append(problem)
-            broken_at = problem.seq
-            break
-        if expected in wanted:
-            hashes[expected] = digest
-        prev = digest
-        expected += 1
-        report.entries += 1
-    last_seq = expected - 1
-    report.head_seq, report.head_hash = last_seq, prev.hex()
-
-    last_good_cp = 0
-    for cp_seq, cp_hash, cp_kid, jws in cps:
-        payload, why = _check_jws(jws, key)
-        if payload is None:
-            report.problems.append(Problem(max(int(cp_seq), 1), "checkpoint_signature", f"the signed checkpoint for entry {cp_seq} {why}."))
-            continue
-        if (payload["seq"], payload["hash"]) != (cp_seq, cp_hash):
-            report.problems.append(Problem(max(int(cp_seq), 1), "checkpoint_signature", f"the checkpoint for entry {cp_seq} was changed: its columns differ from what the device signed."))
-            continue
-        report.last_checkpoint_seq = max(report.last_checkpoint_seq or 0, cp_seq)
-        if broken_at is not None and cp_seq >= broken_at:
-            continue
-        if cp_seq > last_seq:
-            report.problems.append(Problem(
-                last_seq + 1, "truncated",
-                f"the log ends at entry {last_seq}, but the device signed a checkpoint for entry {cp_seq}: "
-                f"entries {last_seq + 1} to {cp_seq} were deleted.",
-            ))  # fmt: skip
-            continue
-        if hashes.get(cp_seq, b"").hex() != cp_hash:
-            start = last_good_cp + 1
-            report.problems.append(Problem(
-                start, "checkpoint_mismatch",
-                f"entries {start} to {cp_seq} were rewritten: the hash chain no longer matches the checkpoint "
-                f"the device signed for entry {cp_seq}.",
-            ))  # fmt: skip
-            continue
-        last_good_cp = max(last_good_cp, cp_seq)
-        report.checkpoints_ok += 1
-    if report.ok and last_seq > (report.last_checkpoint_seq or 0):
-        report.notes.append(
-            f"entries {(report.last_checkpoint_seq or 0) + 1} to {last_seq} are not yet covered by a signed checkpoint"
-        )
-    return report
+        """Re-check the whole chain and every checkpoint; name the first bad entry (see :mod:`agent.state.logverify`)."""
+        key = device_public_key.public if isinstance(device_public_key, DeviceKey) else device_public_key
+        with self._lock, transaction(self._conn, write=False) as conn:
+            # One snapshot of both tables; the service may keep appending meanwhile.
+            return verify_connection(conn, key)

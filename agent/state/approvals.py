@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import UserError
+from agent.state.db import connect, create_schema, transaction
 from agent.timeutil import format_local, format_utc, from_epoch, from_us, to_us
 
 AWAITING = "awaiting_resident"
@@ -138,10 +139,9 @@ class ApprovalQueue:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction on a fresh connection, taken with BEGIN IMMEDIATE."""
+        """One write transaction on a fresh connection (the CLI and the service both write here)."""
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+            conn = connect(self.path)
         except (OSError, sqlite3.Error) as exc:
             raise UserError(
                 f"cannot open the agent's state database {self.path} ({exc}); run this as the user the agent "
@@ -149,20 +149,10 @@ class ApprovalQueue:
             ) from None
         conn.row_factory = sqlite3.Row
         try:
-            conn.execute("PRAGMA busy_timeout = 10000")
-            if not self._ready:
-                conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("BEGIN IMMEDIATE")
-            if not self._ready:
-                for statement in _SCHEMA.split(";"):  # not executescript: it would COMMIT our BEGIN
-                    if statement.strip():
-                        conn.execute(statement)
-            try:
+            with transaction(conn):
+                if not self._ready:
+                    create_schema(conn, _SCHEMA)
                 yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
             self._ready = True
         except sqlite3.DatabaseError as exc:  # locked past the timeout, corrupt, read-only...
             raise UserError(f"the agent's state database {self.path} is not usable ({exc})") from None

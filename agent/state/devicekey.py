@@ -8,9 +8,6 @@ reason to mint a new identity.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,25 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from agent.errors import UserError
 from agent.fsutil import write_atomically
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def b64url_decode(text: str) -> bytes:
-    """Strict unpadded base64url (the JOSE form); raises ValueError on anything else."""
-    if not isinstance(text, str) or "=" in text or len(text) % 4 == 1:
-        raise ValueError("not unpadded base64url")
-    if not all(c.isascii() and (c.isalnum() or c in "-_") for c in text):
-        raise ValueError("characters outside the base64url alphabet")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def jwk_thumbprint(jwk: dict[str, str]) -> str:
-    """RFC 7638 thumbprint (SHA-256) of an OKP public JWK."""
-    canonical = json.dumps({"crv": jwk["crv"], "kty": jwk["kty"], "x": jwk["x"]}, separators=(",", ":"), sort_keys=True)
-    return b64url(hashlib.sha256(canonical.encode("ascii")).digest())
+from agent.protocol.jose import b64url_decode, ed25519_public_jwk, jwk_thumbprint
 
 
 class DeviceKeyError(UserError):
@@ -53,8 +32,7 @@ class DeviceKey:
         return self.private.public_key()
 
     def public_jwk(self) -> dict[str, str]:
-        raw = self.public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        return {"kty": "OKP", "crv": "Ed25519", "x": b64url(raw)}
+        return ed25519_public_jwk(self.public)
 
     @property
     def kid(self) -> str:
@@ -70,7 +48,7 @@ class DeviceKey:
     @classmethod
     def from_jwk(cls, jwk: dict[str, str]) -> DeviceKey:
         """For tests and the published delivery vector's device key."""
-        return cls(Ed25519PrivateKey.from_private_bytes(b64url_decode(jwk["d"])))
+        return cls(Ed25519PrivateKey.from_private_bytes(b64url_decode(jwk["d"], "d")))
 
     @classmethod
     def load(cls, path: Path) -> DeviceKey:

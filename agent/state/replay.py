@@ -14,11 +14,13 @@ could burn a real request's ``jti`` by sending garbage under it first.
 from __future__ import annotations
 
 import re
-import sqlite3
 import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
+
+from agent.state.db import connect, transaction
 
 UTC = timezone.utc
 KEEP_AFTER_EXP_S = 60
@@ -36,27 +38,6 @@ CREATE INDEX IF NOT EXISTS replay_memory_keep_until ON replay_memory (keep_until
 """
 
 
-def connect_state_db(path: Path, *, synchronous: str = "FULL") -> sqlite3.Connection:
-    """Open the agent's state database the way every writer must: WAL, durable commits.
-
-    Autocommit mode (``isolation_level=None``): callers open their own short
-    ``BEGIN IMMEDIATE`` transactions so that two processes serialize on the
-    write lock instead of failing half-way.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=15.0, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA busy_timeout = 15000")
-    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-    if str(mode).lower() != "wal":
-        conn.close()
-        raise sqlite3.OperationalError(f"cannot put {path} in WAL mode (got {mode})")
-    if synchronous not in ("FULL", "NORMAL"):
-        raise ValueError("synchronous must be FULL or NORMAL")
-    conn.execute(f"PRAGMA synchronous = {synchronous}")
-    return conn
-
-
 def _epoch(value: int | float | datetime) -> int:
     if isinstance(value, datetime):
         if value.tzinfo is None:
@@ -70,10 +51,10 @@ def _epoch(value: int | float | datetime) -> int:
 class ReplayMemory:
     """``seen(jti)`` for the decision procedure; ``remember`` once a request is authenticated."""
 
-    def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
+    def __init__(self, path: Path, *, synchronous: Literal["FULL", "NORMAL"] = "FULL") -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._conn = connect_state_db(self.path, synchronous=synchronous)
+        self._conn = connect(self.path, synchronous=synchronous)
         with self._lock:
             self._conn.executescript(_SCHEMA)
 
@@ -107,32 +88,20 @@ class ReplayMemory:
             raise ValueError("payload_sha256 must be 64 lowercase hex digits")
         exp_s = _epoch(exp)
         first = _epoch(now) if now else int(time.time())
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._conn.execute(
-                    "INSERT OR IGNORE INTO replay_memory (jti, payload_sha256, exp, keep_until, first_seen) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (jti, payload_sha256, exp_s, exp_s + KEEP_AFTER_EXP_S, first),
-                )
-                row = self._conn.execute("SELECT payload_sha256 FROM replay_memory WHERE jti = ?", (jti,)).fetchone()
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+        with self._lock, transaction(self._conn) as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO replay_memory (jti, payload_sha256, exp, keep_until, first_seen) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (jti, payload_sha256, exp_s, exp_s + KEEP_AFTER_EXP_S, first),
+            )
+            row = conn.execute("SELECT payload_sha256 FROM replay_memory WHERE jti = ?", (jti,)).fetchone()
         return str(row[0])
 
     def purge(self, now: datetime | int | float | None = None) -> int:
         """Forget entries whose ``exp`` + 60 s has passed; return how many."""
         cutoff = _epoch(now) if now is not None else int(time.time())
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                cur = self._conn.execute("DELETE FROM replay_memory WHERE keep_until < ?", (cutoff,))
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+        with self._lock, transaction(self._conn) as conn:
+            cur = conn.execute("DELETE FROM replay_memory WHERE keep_until < ?", (cutoff,))
         return cur.rowcount
 
     def __len__(self) -> int:

@@ -179,8 +179,9 @@ def _setup(tmp: Path, stack: ExitStack) -> _Env:
 
     from agent.city import keygen, load_signing_key
     from agent.config import load_config
-    from agent.state.devicekey import b64url_decode
+    from agent.protocol.jose import b64url_decode
     from agent.protocol.trust import TrustStore
+    from agent.state.truststore import save_trust_store
 
     broker = _quiet_broker_class()(tmp / "mosquitto")
     stack.callback(broker.stop)
@@ -217,7 +218,7 @@ def _setup(tmp: Path, stack: ExitStack) -> _Env:
     cfg = load_config(conf)
     cfg = cfg.model_copy(update={"mqtt": broker.mqtt_config("agent", precision=4, client_id="bench-agent")})
     keys = keygen(iss="jackson-pd", kid="jpd-bench", out_dir=tmp / "city")
-    TrustStore.from_jwks(keys.public_jwks).save(cfg.paths.trust_file)
+    save_trust_store(TrustStore.from_jwks(keys.public_jwks), cfg.paths.trust_file)
     other = keygen(iss="jackson-pd", kid="stranger", out_dir=tmp / "stranger")
     public = Ed25519PublicKey.from_public_bytes(b64url_decode(keys.public_jwks["keys"][0]["x"]))
     fill_start = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=FILL_AGO_S)
@@ -368,7 +369,7 @@ class _Peer:
 
 
 def bench_latency(report: Report, env: _Env, agent: _Agent, agency: _Agency) -> dict[str, float]:
-    from agent.state.devicekey import b64url_decode
+    from agent.protocol.jose import b64url_decode
     from agent.protocol.geohash import encode, request_topic
 
     now = datetime.now(UTC)
@@ -381,7 +382,7 @@ def bench_latency(report: Report, env: _Env, agent: _Agent, agency: _Agency) -> 
     handle_s: list[float] = []
     # The durable writes the service makes per decision (replay memory, then access log) as two bare WAL
     # commits with synchronous=FULL on the same disk, measured in the same loop so disk hiccups hit both alike.
-    from agent.state.replay import connect_state_db
+    from agent.state.db import connect as connect_state_db
 
     conn = connect_state_db(env.tmp / "commit-reference.sqlite")  # same disk as the state db
     conn.execute("CREATE TABLE t (a INTEGER PRIMARY KEY, b TEXT)")

@@ -13,10 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
-import numpy as np
-
 if TYPE_CHECKING:
     import av
+    import numpy as np
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,7 +51,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import av
-import numpy as np
 
 from agent.buffer.capture import EncodedPacket, Frame, SourceUnavailable, stamp_forward
 
@@ -343,6 +342,8 @@ class Picamera2Source:
             cam.start()
 
     def _read_raw(self) -> Frame:
+        import numpy as np  # raw mode only: the hardware-encoded mode never needs it
+
         request = self._cam.capture_request()
         try:
             image = request.make_array("main")

@@ -1,0 +1,92 @@
+"""``doorbell-agent run`` (record, and serve requests) and ``doorbell-agent status``.
+
+Only arguments and printing live here: the process itself is
+:mod:`agent.runtime.supervisor`, the figures :mod:`agent.runtime.status`.
+Neither loads a video library when imported (the recorder is imported when
+recording starts), so building the parser for any other command stays cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from agent.cli.common import add_json_flag, config_from, log_to_stderr, print_json
+from agent.runtime.status import gather_status, human_bytes, human_duration
+from agent.runtime.supervisor import run_agent
+from agent.timeutil import format_local, from_us
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("run", help="record the camera into the rolling buffer until stopped",
+                       description="Record the camera into the rolling buffer until stopped (Ctrl-C or SIGTERM).")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("status", help="show what the recorder is doing and how much footage is held",
+                       description="Show whether the recorder is running, its frame rate and dropped frames, "
+                       "how much footage is held and any gaps.")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_status)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = config_from(args)
+    log_to_stderr()
+    return run_agent(cfg)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = config_from(args)
+    data = gather_status(cfg)
+    if args.json:
+        print_json(data)
+    else:
+        print("\n".join(status_lines(data)))
+    return 0
+
+
+def status_lines(data: dict[str, Any]) -> list[str]:
+    rec, buf, st = data["recorder"], data["buffer"], data["recorder"]["status"]
+    out: list[str] = []
+    if not rec["running"]:
+        when = f" (last seen {_local_us(st['updated_us'])})" if st and st.get("updated_us") else ""
+        out.append(f"Recorder: NOT RUNNING{when}. Start it with 'doorbell-agent run' "
+                   "(or 'systemctl start doorbell-agent').")
+    elif st is None:
+        out.append("Recorder: running, but it has not reported its counters yet.")
+    elif rec["stale"]:
+        out.append(f"Recorder: running, but its status is STALE (last update {rec['status_age_s']:.0f} s ago "
+                   f"at {_local_us(st['updated_us'])}); it may be stuck. Check its log.")
+    else:
+        out.append(f"Recorder: running (pid {st['pid']}), camera {st['camera_state']}.")
+    if st:
+        out.append(f"  Camera: {st['camera']}" + (f" ({st['mode']}, {st['codec']})" if st.get("mode") else ""))
+        captured, dropped = st["frames_captured"], st["frames_dropped"]
+        pct = 100.0 * dropped / captured if captured else 0.0
+        out.append(f"  Frame rate: {st['fps']:.1f} fps; frames captured {captured}, dropped {dropped} ({pct:.2f}%); "
+                   f"reconnects {st['reconnects']}")
+        if st.get("last_error"):
+            out.append(f"  Last problem: {st['last_error']} at {_local_us(st['last_error_us'])}")
+    if buf["segments"] == 0:
+        out.append("Footage: none stored yet.")
+    else:
+        out.append(f"Footage: {_local_z(buf['start'])} to {_local_z(buf['end'])}, "
+                   f"{human_duration(buf['recorded_s'])} recorded, {buf['segments']} segments, {human_bytes(buf['bytes'])}.")
+    if buf["gaps"]:
+        out.append(f"Gaps ({len(buf['gaps'])}):")
+        for g in buf["gaps"]:
+            out.append(f"  {_local_z(g['start'])} to {_local_z(g['end'])} ({human_duration(g['seconds'])}): {g['reason']}")
+    if "sharing" in data:
+        from agent.sharing.service import sharing_lines
+
+        out.extend(sharing_lines(data["sharing"]))
+    return out
+
+
+def _local_us(us: int) -> str:
+    return format_local(from_us(int(us)))
+
+
+def _local_z(text: str) -> str:
+    from agent.timeutil import parse_utc_z
+
+    return format_local(parse_utc_z(text))

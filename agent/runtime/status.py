@@ -1,0 +1,103 @@
+"""The live status files, and everything ``doorbell-agent status`` reports, as plain data.
+
+The recorder and the sharing service each replace a small JSON file every few
+seconds (:func:`write_json_atomic`); ``status``, which may run in another
+process, reads them back (:func:`read_status`) and adds what it can see for
+itself: whether a recorder holds the buffer's lock, and what the buffer holds.
+
+Importing this module loads no video library: the helpers are used by the
+recorder and the sharing service, and :func:`gather_status` imports the
+buffer index and the sharing side only when it is called.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfig
+
+# A status file older than this (or three status intervals, if longer) is stale.
+STALE_AFTER_S = 15.0
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Replace ``path`` in one step so a reader never sees half a file. Not fsynced: it is live state."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A name of its own per call: the status thread and the writer's final write may overlap.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.{secrets.token_hex(4)}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, sort_keys=True))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_status(path: Path) -> dict[str, Any] | None:
+    """The last status written to ``path``, or None if there is none (or it cannot be read)."""
+    try:
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError, PermissionError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def gather_status(cfg: AgentConfig, now: int | None = None) -> dict[str, Any]:
+    """Everything ``status`` shows, as plain data (the ``--json`` form)."""
+    from agent.buffer.segments import SegmentStore
+    from agent.runtime.supervisor import recorder_running
+    from agent.sharing.service import sharing_status
+    from agent.timeutil import format_utc, from_us
+
+    now = now if now is not None else time.time_ns() // 1000
+    running = recorder_running(cfg)
+    st = read_status(cfg.paths.status_file)
+    rec: dict[str, Any] = {"running": running, "stale": False, "status": st}
+    if st is not None:
+        age_s = (now - int(st.get("updated_us", 0))) / 1e6
+        limit = max(STALE_AFTER_S, 3 * float(st.get("status_interval_s", 5.0)))
+        rec["status_age_s"] = round(age_s, 1)
+        rec["stale"] = running and age_s > limit
+    buf: dict[str, Any] = {"segments": 0, "bytes": 0, "recorded_s": 0.0, "start": None, "end": None, "gaps": []}
+    if cfg.paths.buffer_db.exists():
+        store = SegmentStore(cfg.paths.buffer_db, cfg.paths.segments_dir, buffer=cfg.buffer)
+        try:
+            s = store.summary()
+        finally:
+            store.close()
+        buf.update(
+            segments=s.segments,
+            bytes=s.total_bytes,
+            recorded_s=round(s.recorded_us / 1e6, 3),
+            start=format_utc(from_us(s.start_us), ms=True) if s.start_us is not None else None,
+            end=format_utc(from_us(s.end_us), ms=True) if s.end_us is not None else None,
+            gaps=[{"start": format_utc(from_us(g.start_us), ms=True), "end": format_utc(from_us(g.end_us), ms=True),
+                   "seconds": round((g.end_us - g.start_us) / 1e6, 3), "reason": g.reason} for g in s.gaps],
+        )
+    return {"recorder": rec, "buffer": buf, "sharing": sharing_status(cfg)}
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} TB"
+
+
+def human_duration(seconds: float) -> str:
+    s = int(round(seconds))
+    if s < 60:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{s} s"
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h} h {m} min" if h else f"{m} min {sec} s"
