@@ -118,11 +118,11 @@ $SUDO tee /usr/local/bin/doorbell-agent >/dev/null <<'WRAPPER'
 config="${DOORBELL_AGENT_CONFIG:-/etc/doorbell-agent/agent.toml}"
 agent=/opt/doorbell-agent/bin/doorbell-agent
 if [ "$(id -un)" = doorbell-agent ]; then
-  exec env DOORBELL_AGENT_CONFIG="$config" "$agent" "$@"
+  exec env PYTHONNOUSERSITE=1 DOORBELL_AGENT_CONFIG="$config" "$agent" "$@"
 elif [ "$(id -u)" -eq 0 ]; then
-  exec runuser -u doorbell-agent -- env DOORBELL_AGENT_CONFIG="$config" "$agent" "$@"
+  exec runuser -u doorbell-agent -- env PYTHONNOUSERSITE=1 DOORBELL_AGENT_CONFIG="$config" "$agent" "$@"
 else
-  exec sudo -u doorbell-agent env DOORBELL_AGENT_CONFIG="$config" "$agent" "$@"
+  exec sudo -u doorbell-agent env PYTHONNOUSERSITE=1 DOORBELL_AGENT_CONFIG="$config" "$agent" "$@"
 fi
 WRAPPER
 $SUDO chmod 0755 /usr/local/bin/doorbell-agent

@@ -21,11 +21,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, data: bytes, mode: int = 0o644, *, replace: bool = True) -> bool:
-    """Write ``data`` to ``path`` durably and all at once.
+def write_atomically(path: Path, data: bytes, mode: int = 0o644, *, replace: bool = True, durable: bool = True) -> bool:
+    """Write ``data`` to ``path`` all at once, and durably unless ``durable=False``.
 
     With ``replace=False`` an existing file is kept (returns False): two
     processes creating the same key file at once both end up using one key.
+    ``durable=False`` skips the fsyncs for live state rewritten every few
+    seconds (status files): a reader still never sees half a file, and an SD
+    card is spared a flush it does not need.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,7 +39,8 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o644, *, replace: boo
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         if replace:
@@ -51,5 +55,6 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o644, *, replace: boo
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
     return True

@@ -6,13 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
-from agent.state.killswitch import KillSwitch, write_atomically
+from agent.state.killswitch import KillSwitch, KillSwitchState, write_atomically
 
 UTC = timezone.utc
 NOW = datetime(2026, 12, 3, 18, 0, 0, tzinfo=UTC)
@@ -89,11 +90,41 @@ def test_unexpected_content_means_engaged(tmp_path: Path, content: bytes, words:
     assert words in state.reason and str(path) in state.reason
 
 
-def test_unreadable_file_means_engaged(tmp_path: Path) -> None:
+def test_a_directory_means_engaged(tmp_path: Path) -> None:
     path = tmp_path / "killswitch"
-    path.mkdir()  # reading a directory fails with an OSError other than "not found"
+    path.mkdir()
     state = KillSwitch(path).state()
-    assert state.engaged and "cannot read" in state.reason
+    assert state.engaged and "not a regular file" in state.reason
+
+
+def test_a_fifo_means_engaged_and_does_not_hang(tmp_path: Path) -> None:
+    """A FIFO in place of the file once hung both workers on open(); now it reads as engaged at once."""
+    path = tmp_path / "killswitch"
+    os.mkfifo(path)
+    result: list[KillSwitchState] = []
+    reader = threading.Thread(target=lambda: result.append(KillSwitch(path).state()), daemon=True)
+    reader.start()
+    reader.join(timeout=5)
+    assert not reader.is_alive(), "reading the kill switch blocked on a FIFO"
+    assert result[0].engaged and "not a regular file" in result[0].reason
+
+
+def test_a_dangling_symlink_means_engaged(tmp_path: Path) -> None:
+    """Once read as "off" (no file): a link to nowhere is not the resident's "never engaged"."""
+    path = tmp_path / "killswitch"
+    path.symlink_to(tmp_path / "nowhere")
+    state = KillSwitch(path).state()
+    assert state.engaged and "symbolic link" in state.reason
+
+
+def test_a_symlink_to_an_off_file_means_engaged(tmp_path: Path) -> None:
+    """The switch is never read through a link, even one to a well-formed "off" file someone else controls."""
+    elsewhere = tmp_path / "elsewhere"
+    KillSwitch(elsewhere).release(by="someone else", now=NOW)
+    assert not KillSwitch(elsewhere).state().engaged
+    path = tmp_path / "killswitch"
+    path.symlink_to(elsewhere)
+    assert KillSwitch(path).state().engaged
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files regardless of permissions")

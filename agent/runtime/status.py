@@ -12,14 +12,12 @@ buffer index and the sharing side only when it is called.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import secrets
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from agent.fsutil import write_atomically
 
 if TYPE_CHECKING:
     from agent.config import AgentConfig
@@ -30,16 +28,7 @@ STALE_AFTER_S = 15.0
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Replace ``path`` in one step so a reader never sees half a file. Not fsynced: it is live state."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A name of its own per call: the status thread and the writer's final write may overlap.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.{secrets.token_hex(4)}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, sort_keys=True))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
+    write_atomically(path, json.dumps(data, sort_keys=True).encode("utf-8"), 0o644, durable=False)
 
 
 def read_status(path: Path) -> dict[str, Any] | None:

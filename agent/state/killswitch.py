@@ -16,7 +16,10 @@ the old state or the new one, never half a file.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import stat
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -88,16 +91,31 @@ class KillSwitch:
         self.path = Path(path)
 
     def state(self) -> KillSwitchState:
-        """Read the file now (a few microseconds); never raises."""
+        """Read the file now (a few microseconds); never raises, never blocks.
+
+        The file is opened without following a symlink and without blocking, and
+        must be a regular file: a FIFO would hang every reader, and a symlink could
+        point the agent at a file someone else controls (or at nothing, which would
+        read as "off"). Anything but a regular file counts as engaged.
+        """
         try:
-            with open(self.path, "rb") as f:
-                data = f.read(MAX_FILE_BYTES + 1)
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return KillSwitchState(
                 engaged=False, since=None, by=None, reason=f"no kill-switch file at {self.path} (never engaged): off"
             )
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return _engaged_because(f"kill-switch file {self.path} is a symbolic link; treated as engaged")
             return _engaged_because(f"cannot read kill-switch file {self.path} ({exc.strerror or exc}); treated as engaged")
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return _engaged_because(f"kill-switch file {self.path} is not a regular file; treated as engaged")
+            data = os.read(fd, MAX_FILE_BYTES + 1)
+        except OSError as exc:
+            return _engaged_because(f"cannot read kill-switch file {self.path} ({exc.strerror or exc}); treated as engaged")
+        finally:
+            os.close(fd)
         return parse_state(data, self.path)
 
     @property
