@@ -29,6 +29,19 @@ def parse_utc_z(text: str) -> datetime:
     return datetime(y, mo, d, h, mi, s, us, tzinfo=UTC)
 
 
+def parse_utc_z_ns(text: str) -> tuple[datetime, int]:
+    """:func:`parse_utc_z`, plus the exact time in integer nanoseconds since the epoch.
+
+    A datetime keeps microseconds; the protocol allows nine fractional digits, so
+    comparisons that must be exact (a window's start before its end, its length)
+    use the nanoseconds.
+    """
+    dt = parse_utc_z(text)
+    frac = _RFC3339_Z.fullmatch(text).group(7)  # type: ignore[union-attr]
+    sub_us = int((frac[1:] + "000000000")[6:9]) if frac else 0
+    return dt, to_us(dt) * 1000 + sub_us
+
+
 def format_utc(dt: datetime, *, ms: bool = False) -> str:
     """RFC 3339 UTC with ``Z``; whole seconds unless ``ms`` (or the value needs them)."""
     dt = dt.astimezone(UTC)

@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from agent.protocol.jose import MalformedError, b64url_decode
-from agent.timeutil import from_epoch, parse_utc_z
+from agent.timeutil import from_epoch, parse_utc_z_ns
 
 MAX_LIFETIME_S = 900
 MAX_WINDOW = timedelta(hours=12)
@@ -137,10 +137,11 @@ class FootageRequest:
         if not 0 < radius_m <= MAX_RADIUS_M:
             raise RequestError("area.radius_m", f"{radius_m} is outside (0, {MAX_RADIUS_M:g}]")
         w = _object(claims, "window", {"start", "end"})
-        start, end = _utc_z(w, "start"), _utc_z(w, "end")
-        if not start < end:
+        (start, start_ns), (end, end_ns) = _utc_z(w, "start"), _utc_z(w, "end")
+        # Compared in nanoseconds: the protocol allows nine fractional digits, a datetime keeps six.
+        if not start_ns < end_ns:
             raise RequestError("window", "start must be before end")
-        if end - start > MAX_WINDOW:
+        if end_ns - start_ns > MAX_WINDOW // timedelta(microseconds=1) * 1000:
             raise RequestError("window", "longer than 12 hours")
         r = _object(claims, "recipient", {"kty", "crv", "x"})
         if r["kty"] != "OKP" or r["crv"] != "X25519":
@@ -211,9 +212,9 @@ def _text(obj: dict[str, Any], name: str, max_len: int, prefix: str = "") -> str
     return v
 
 
-def _utc_z(obj: dict[str, Any], name: str) -> datetime:
+def _utc_z(obj: dict[str, Any], name: str) -> tuple[datetime, int]:
     v = obj[name]
     try:
-        return parse_utc_z(v)
+        return parse_utc_z_ns(v)
     except ValueError:
         raise RequestError(f"window.{name}", f"{v!r} is not an RFC 3339 UTC time ending in Z") from None
