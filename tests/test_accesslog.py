@@ -501,3 +501,14 @@ def test_cli_checkpoint_on_demand(agent_dirs: tuple[Path, Path, DeviceKey]) -> N
     r = run_cli(cfg, "log", "checkpoint")
     assert r.returncode == 0 and "up to entry 2" in r.stdout
     assert AccessLog(db).verify(key).checkpoints_ok == 1
+
+
+def test_an_event_names_the_decision_that_shared_not_a_refused_copy_or_a_replay(db: Path) -> None:
+    """Step 12 lets a genuine request through after a refused copy of it; its delivery must point at the grant."""
+    with AccessLog(db) as log:
+        refused, _ = decision(log, 7, reason="oversight_required", at=NOW - timedelta(minutes=2))
+        granted, _ = decision(log, 7, reason="granted", at=NOW - timedelta(minutes=1))
+        decision(log, 7, reason="replayed", at=NOW)
+        seq, _ = log.append_event("req-0007-test-aaaaaaaa", "delivered", delivery_id="Ojm5DLRgg9SKVkBaY4QfDA", bytes=1, at=NOW)
+        event = log.entries(jti="req-0007-test-aaaaaaaa")[-1]
+    assert event.seq == seq and event.data["ref_seq"] == granted != refused

@@ -71,12 +71,18 @@ def top_level(modules: list[str]) -> set[str]:
 
 def run_command(tmp_path: Path, config: Path, *argv: str, timeout: float = 60) -> tuple[int, set[str], str]:
     """(exit code, top-level packages loaded, stderr) of one real command in a fresh interpreter."""
+    code, modules, err = run_command_modules(tmp_path, config, *argv, timeout=timeout)
+    return code, top_level(modules), err
+
+
+def run_command_modules(tmp_path: Path, config: Path, *argv: str, timeout: float = 60) -> tuple[int, list[str], str]:
+    """(exit code, every module loaded, stderr) of one real command in a fresh interpreter."""
     out = tmp_path / f"modules-{len(list(tmp_path.glob('modules-*')))}.json"
     r = subprocess.run([sys.executable, "-c", RUN_COMMAND, str(out), "--config", str(config), *argv],
                        capture_output=True, text=True, timeout=timeout)
     assert out.exists(), f"{argv} did not finish: {r.stderr}"
     data = json.loads(out.read_text())
-    return data["code"], top_level(data["modules"]), r.stderr
+    return data["code"], data["modules"], r.stderr
 
 
 def hold_request(config: Path) -> int:
@@ -150,11 +156,64 @@ def test_residents_controls_load_no_video_library(
     argv: list[str], prepare: Callable[[Path, Path], list[str]] | None,
     write_config: Callable[[str], Path], tmp_path: Path,
 ) -> None:
+    from agent.cli import COMMANDS
+
     config = write_config(POLICY)
     extra = prepare(tmp_path, config) if prepare is not None else []
-    code, loaded, err = run_command(tmp_path, config, *argv, *extra)
+    code, modules, err = run_command_modules(tmp_path, config, *argv, *extra)
     assert code == 0, err  # the command really ran, so what it imports inside counts too
+    loaded = top_level(modules)
     assert not loaded & VIDEO, f"doorbell-agent {' '.join(argv)} loaded {sorted(loaded & VIDEO)}"
+    # Nor the other commands' modules (and what they import): only this command's is loaded.
+    others = {m for m in modules if m in COMMANDS.values()} - {COMMANDS[argv[0]]}
+    assert not others, f"doorbell-agent {' '.join(argv)} loaded {sorted(others)}"
+
+
+def test_each_command_is_found_in_its_module() -> None:
+    """COMMANDS (which module `main` imports for a command) agrees with what each module registers."""
+    import argparse
+
+    from agent.cli import COMMAND_MODULES, COMMANDS, build_parser
+
+    registered = {}
+    for module in COMMAND_MODULES:
+        sub = next(a for a in build_parser((module,))._actions if isinstance(a, argparse._SubParsersAction))
+        registered.update(dict.fromkeys(sub.choices, module))
+    assert registered == COMMANDS
+    full = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(full.choices) == set(COMMANDS)
+
+
+@pytest.mark.parametrize(("argv", "module"), [
+    (["killswitch", "on"], "agent.cli.killswitch"),
+    (["--config", "/x/agent.toml", "status", "--json"], "agent.cli.run"),
+    (["--config=/x/agent.toml", "approve", "3"], "agent.cli.approvals"),
+    (["--conf", "/x/agent.toml", "run"], "agent.cli.run"),  # argparse accepts the abbreviation
+    (["--config", "run", "log", "show"], "agent.cli.log"),  # "run" is the path here
+    (["--help"], None),
+    (["--version"], None),
+    (["--config", "/x/agent.toml"], None),
+    (["--verbose", "run"], None),  # not an option: argparse says so, with every command
+    (["no-such-command"], None),
+    ([], None),
+])
+def test_main_imports_only_the_command_it_runs(argv: list[str], module: str | None) -> None:
+    from agent.cli import command_module
+
+    assert command_module(argv) == module
+
+
+def test_help_and_mistakes_still_see_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.cli import COMMANDS, main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in COMMANDS)
+    with pytest.raises(SystemExit) as exc:
+        main(["killswitc", "on"])
+    assert exc.value.code == 2 and "invalid choice: 'killswitc'" in capsys.readouterr().err
 
 
 def test_building_the_parser_loads_no_video_library() -> None:
@@ -218,11 +277,14 @@ def test_recording_by_stream_copy_loads_neither_opencv_nor_numpy(write_config: C
         segment_seconds = 1
         """)
     # `run` records the file in real time and stops by itself at its end.
-    code, loaded, err = run_command(tmp_path, config, "run", timeout=120)
+    code, modules, err = run_command_modules(tmp_path, config, "run", timeout=120)
     assert code == 0, err
+    loaded = top_level(modules)
     status = json.loads((tmp_path / "data" / "recorder-status.json").read_text())
     assert status["mode"] == "stream copy" and status["camera_state"] == "ended", status
     assert status["segments_written"] >= 2 and status["frames_dropped"] == 0, status
     assert len(list((tmp_path / "data" / "segments").rglob("*.mp4"))) == status["segments_written"]
     assert "av" in loaded  # it really recorded with PyAV ...
     assert not loaded & {"cv2", "numpy"}, f"stream copy loaded {sorted(loaded & {'cv2', 'numpy'})}"  # ... and only that
+    # Recording only (no [policy], no [mqtt]): nothing of the sharing side or the other commands.
+    assert not loaded & {"cryptography", "paho"}, sorted(loaded & {"cryptography", "paho"})

@@ -9,6 +9,7 @@ switch stops a delivery between chunks.
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 from collections.abc import Iterator
@@ -62,7 +63,7 @@ class Env:
         return [t for t in self.recorded if to_us(start) <= t < to_us(end)]
 
 
-def _policy_toml(approval: str = "auto") -> str:
+def _policy_toml(approval: str = "auto", *, require_oversight: bool = False) -> str:
     return f"""
 [buffer]
 segment_seconds = 4
@@ -73,6 +74,7 @@ location = {{ lat = {HOME[0]}, lon = {HOME[1]} }}
 timezone = "America/Chicago"
 max_radius_m = 1000
 approval = "{approval}"
+require_oversight = {"true" if require_oversight else "false"}
 
 [policy.consent]
 start = 2026-01-01T00:00:00Z
@@ -153,12 +155,14 @@ class Agency:
 
     def request(self, *, lat: float = HOME[0] + 0.001, lon: float = HOME[1] + 0.001, radius_m: float = 300,
                 window: tuple[datetime, datetime] | None = None, signer: SigningKey | None = None,
-                jti: str | None = None, purpose: str = "Burglary reported on this block."):
+                jti: str | None = None, purpose: str = "Burglary reported on this block.",
+                oversight: SigningKey | None = None, issued: datetime | None = None):
         now = self.env.clock.now()
         start, end = window or (now - timedelta(seconds=40), now - timedelta(seconds=30))
-        return build_request(requester=signer or self.env.requester, program=PROGRAM, officer="badge-4471",
-                             case="JPD-2026-001234", purpose=purpose, basis="consent", lat=lat, lon=lon,
-                             radius_m=radius_m, window_start=start, window_end=end, now=now, jti=jti)
+        return build_request(requester=signer or self.env.requester, oversight=oversight, program=PROGRAM,
+                             officer="badge-4471", case="JPD-2026-001234", purpose=purpose, basis="consent",
+                             lat=lat, lon=lon, radius_m=radius_m, window_start=start, window_end=end,
+                             now=issued or now, jti=jti)
 
     def publish(self, built, topics: list[str] | None = None) -> None:
         for topic in topics or request_topics(self.env.broker.root, *HOME, 300):
@@ -269,6 +273,55 @@ def test_replay_after_restart_is_refused_and_duplicates_ignored(env: Env, agents
     assert reasons.count((original.jti, "granted")) == 1
 
 
+def strip_cosignature(message: str) -> str:
+    """The request as its agency alone signed it: the oversight co-signature cut off."""
+    jws = json.loads(message)
+    return json.dumps({"payload": jws["payload"], "signatures": jws["signatures"][:1]})
+
+
+@pytest.fixture
+def oversight(env: Env, write_config, tmp_path: Path) -> SigningKey:
+    """The resident requires oversight; the oversight body (another iss than the police) is trusted."""
+    cfg = load_config(write_config(_policy_toml(require_oversight=True)))
+    env.cfg = cfg.model_copy(update={"mqtt": env.cfg.mqtt})
+    made = keygen(iss="jackson-oversight", kid="jxn-oversight-test", role="oversight", out_dir=tmp_path / "oversight")
+    trust = load_trust_store(env.cfg.paths.trust_file)
+    trust.add(TrustStore.from_jwks(made.public_jwks))
+    save_trust_store(trust, env.cfg.paths.trust_file)
+    return load_signing_key(made.private_path)
+
+
+def test_copies_refused_before_the_replay_check_do_not_use_up_the_jti(
+    env: Env, oversight: SigningKey, agents: list[Agent], agency: Agency
+) -> None:
+    """Protocol step 12: a jti counts as seen only once a message carrying it passed checks 1 to 11.
+
+    Before the genuine request arrives, the camera hears two copies with its jti that fail earlier
+    checks: one signed 20 minutes ago that arrives after its exp, and one stripped of its oversight
+    co-signature. Neither may block the genuine, co-signed request: it is granted and delivered to
+    its own recipient key, and only from then on is its jti used up.
+    """
+    agents.append(agent := Agent(env))
+    genuine = agency.request(oversight=oversight)
+    late = agency.request(oversight=oversight, jti=genuine.jti, issued=env.clock.now() - timedelta(minutes=20))
+    agency.publish(late, [home_topic(env)])
+    assert agent.next_decision().reason == "expired"
+    agency.session.publish(home_topic(env), strip_cosignature(genuine.message), expiry_s=600)
+    assert agent.next_decision().reason == "oversight_required"
+
+    agency.publish(genuine, [home_topic(env)])
+    assert agent.next_decision().reason == "granted"
+    collector, _ = agency.collect(genuine.jti)
+    (pending,) = [p for p in collector.pending.values() if p.complete]
+    opened = open_delivery(pending.manifest, pending.chunks, genuine.recipient_private, genuine.jti)
+    assert opened.granted == (env.clock.now() - timedelta(seconds=40), env.clock.now() - timedelta(seconds=30))
+    assert agent.wait_delivery_end(genuine.jti)[0] == "delivered"
+
+    agency.publish(genuine, [home_topic(env)])  # now the jti is used up: the same message is a duplicate
+    assert agent.next_decision().reason == "duplicate"
+    assert [r for j, r in log_reasons(env) if j == genuine.jti] == ["expired", "oversight_required", "granted", "delivered"]
+
+
 def test_request_sent_while_agent_offline_is_decided_on_reconnect(env: Env, agents: list[Agent],
                                                                   agency: Agency) -> None:
     agents.append(first := Agent(env))  # establishes the persistent session and its subscription
@@ -341,7 +394,7 @@ def test_delivery_interrupted_by_broker_restart_resumes_as_one_delivery(env: Env
         restarts: list[threading.Thread] = []
 
         def restart_broker() -> None:
-            assert agent.sharing.transport.wait_until(lambda t: not t.ready, WAIT)
+            assert agent.transport.wait_until(lambda t: not t.ready, WAIT)
             env.broker.start()
 
         def on_event(event: str, job, details: dict) -> None:  # type: ignore[no-untyped-def]
@@ -364,7 +417,7 @@ def test_delivery_interrupted_by_broker_restart_resumes_as_one_delivery(env: Env
         assert len(collector.pending) == 1 and len(complete) == 1  # one grant, one delivery
         opened = open_delivery(complete[0].manifest, complete[0].chunks, built.recipient_private, built.jti)
         assert opened.claims["enc"]["chunks"] == details["chunks"] > 2
-        assert agent.sharing.transport.counters()["connects"] >= 2
+        assert agent.transport.counters()["connects"] >= 2
         assert [r for j, r in log_reasons(env) if j == built.jti] == ["granted", "delivered"]
     finally:
         agency.close()
@@ -417,12 +470,15 @@ def test_kill_switch_during_a_broker_outage_cuts_the_delivery(env: Env, agents: 
     event, details = agent.wait_delivery_end(built.jti)
     assert event == "delivery_cut" and details["chunks_sent"] == 1
     # Waiting for PUBACKs never handed the same chunk over again: paho holds what was in flight, no more.
-    assert len(agent.sharing.transport._client._out_messages) <= 2  # type: ignore[union-attr]
+    assert len(agent.transport._client._out_messages) <= 2  # type: ignore[union-attr]
 
 
 def in_process(env: Env) -> RequestService:
-    """The service without a broker: ``handle`` decides and records exactly as the worker does."""
-    return RequestService(env.cfg, transport=None, device_key=env.key, clock=env.clock)
+    """The service with its real transport, not started: ``handle`` decides and records exactly as the
+    worker does, and ``start()`` connects to the test broker like the running agent."""
+    loc = env.cfg.require_policy().location
+    transport = MqttTransport(env.cfg.require_mqtt(), lat=loc.lat, lon=loc.lon)
+    return RequestService(env.cfg, transport=transport, device_key=env.key, clock=env.clock)
 
 
 def test_a_request_remembered_but_never_logged_is_decided_again(env: Env, agency: Agency) -> None:
@@ -442,6 +498,27 @@ def test_a_request_remembered_but_never_logged_is_decided_again(env: Env, agency
     assert [r for j, r in log_reasons(env) if j == built.jti] == ["granted"]
 
 
+def test_a_refused_copy_on_the_record_does_not_hide_a_grant_that_was_never_logged(env: Env, agency: Agency) -> None:
+    """A late copy of a request was refused (expired) and logged. Then the genuine copy was remembered,
+    but the agent died before logging its grant. When the broker offers it again it is decided and
+    granted, not taken for a duplicate of a decision already on the record."""
+    genuine = agency.request()
+    late = agency.request(jti=genuine.jti, issued=env.clock.now() - timedelta(minutes=20))
+    svc = in_process(env)
+    try:
+        assert svc.handle(late.message.encode()).reason == "expired"
+        first = decide_only(svc, genuine.message.encode())
+        assert first.reason == "granted"
+        svc.replay.remember(first.request.jti, first.payload_sha256, first.request.exp)  # ...and then the agent died
+        again = svc.handle(genuine.message.encode())
+        assert again is not None and again.reason == "granted"
+        assert svc.outbox.has(genuine.jti)
+    finally:
+        svc.stop()
+        svc.wait(WAIT)
+    assert [r for j, r in log_reasons(env) if j == genuine.jti] == ["expired", "granted"]
+
+
 def decide_only(svc: RequestService, payload: bytes) -> Decision:
     from agent.protocol.decision import decide
 
@@ -451,6 +528,8 @@ def decide_only(svc: RequestService, payload: bytes) -> Decision:
 
 
 def test_outbox_jobs_without_a_logged_grant_or_already_ended_are_not_delivered(env: Env, agency: Agency) -> None:
+    """After a crash, the outbox holds a job whose grant never reached the log and one whose delivery
+    had already ended: on restart neither is delivered, and both are tidied away."""
     from agent.sharing.service import DeliveryJob
 
     svc = in_process(env)
@@ -466,12 +545,24 @@ def test_outbox_jobs_without_a_logged_grant_or_already_ended_are_not_delivered(e
     assert svc.wait(WAIT)
 
     restarted = in_process(env)
-    events: list[str] = []
-    restarted.delivery_events = lambda event, job, details: events.append(job.jti)
+    events: queue.Queue[tuple[str, str]] = queue.Queue()
+    restarted.delivery_events = lambda event, job, details: events.put((event, job.jti))
     restarted.start()
-    restarted.stop()
-    assert restarted.wait(WAIT)
-    assert events == [] and list(restarted.outbox.root.iterdir()) == []
+    try:
+        assert restarted.transport.wait_ready(WAIT), restarted.transport.last_error
+        # A fresh grant after the restart: its job is queued behind anything start() resumed, so once
+        # it is delivered the delivery worker has been through every resumed job.
+        sentinel = agency.request()
+        agency.publish(sentinel, [home_topic(env)])
+        seen: list[tuple[str, str]] = []
+        while ("delivered", sentinel.jti) not in seen:
+            seen.append(events.get(timeout=WAIT))
+    finally:
+        restarted.stop()
+        assert restarted.wait(WAIT)
+    assert {jti for _, jti in seen} == {sentinel.jti}
+    assert list(restarted.outbox.root.iterdir()) == []
+    assert [r for j, r in log_reasons(env) if j in (ended.jti, orphan.jti)] == ["granted", "delivery_cut"]
 
 
 def test_approval_is_rechecked_against_a_key_revoked_meanwhile(env: Env, write_config, agency: Agency) -> None:

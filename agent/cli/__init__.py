@@ -2,10 +2,14 @@
 
 Each command family lives in its own module with a ``register(subparsers)``
 function; this module only assembles them and turns errors into sentences.
-Every command module is imported to build the parser, so a command module
-imports at its top only what registering needs: heavy libraries (OpenCV,
-PyAV, numpy) are imported inside the commands that use them, and pressing
-the kill switch does not wait for them (tests/test_imports.py checks this).
+
+A command loads what it uses and nothing else: :func:`main` imports only the
+module of the command it runs (:data:`COMMANDS`), and the full parser, with
+every module, only for ``--help`` or a command it does not know. Command
+modules import at their top only what registering needs: heavy libraries
+(OpenCV, PyAV, numpy) are imported inside the commands that use them, so
+pressing the kill switch does not wait for them and ``run`` holds no memory
+for other commands' libraries (tests/test_imports.py checks both).
 """
 
 from __future__ import annotations
@@ -32,8 +36,25 @@ COMMAND_MODULES = (
     "agent.cli.demo",
 )
 
+COMMANDS: dict[str, str] = {
+    "config": "agent.cli.config",
+    "run": "agent.cli.run",
+    "status": "agent.cli.run",
+    "clip": "agent.cli.clip",
+    "trust": "agent.cli.trust",
+    "killswitch": "agent.cli.killswitch",
+    "log": "agent.cli.log",
+    "conformance": "agent.cli.conformance",
+    "pending": "agent.cli.approvals",
+    "approve": "agent.cli.approvals",
+    "decline": "agent.cli.approvals",
+    "demo": "agent.cli.demo",
+}
+"""The module that registers each command (tests/test_imports.py checks it against what they register)."""
 
-def build_parser() -> argparse.ArgumentParser:
+
+def build_parser(modules: Sequence[str] = COMMAND_MODULES) -> argparse.ArgumentParser:
+    """The parser with the commands of ``modules`` (by default every command)."""
     parser = argparse.ArgumentParser(
         prog="doorbell-agent",
         description="Keeps your camera's footage on this device and shares exact minutes only "
@@ -46,13 +67,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="configuration file (default: $DOORBELL_AGENT_CONFIG or /etc/doorbell-agent/agent.toml)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
+    for name in modules:
         importlib.import_module(name).register(sub)
     return parser
 
 
+def command_module(argv: Sequence[str]) -> str | None:
+    """The module of the command ``argv`` names, or None if argparse must see every command to answer.
+
+    Only the top-level options can come before the command: ``--config PATH`` (or
+    ``--config=PATH``, or an abbreviation argparse accepts) is skipped; anything else
+    (``--help``, ``--version``, a mistake) is left to the full parser.
+    """
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("-"):
+            return COMMANDS.get(arg)
+        name, eq, _ = arg.partition("=")
+        if len(name) > 2 and "--config".startswith(name):
+            i += 1 if eq else 2
+            continue
+        return None
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    module = command_module(argv)
+    parser = build_parser((module,) if module is not None else COMMAND_MODULES)
     args = parser.parse_args(argv)
     try:
         result = args.func(args)

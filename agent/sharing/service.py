@@ -48,7 +48,7 @@ from agent.state.devicekey import DeviceKey
 from agent.fsutil import write_atomically
 from agent.protocol.geohash import subscription_filter
 from agent.state.killswitch import KillSwitch
-from agent.protocol.decision import Decision, Policy, Reason, decide
+from agent.protocol.decision import BEFORE_REPLAY_REASONS, Decision, Policy, Reason, decide
 from agent.runtime.status import read_status, write_json_atomic
 from agent.state.replay import ReplayMemory
 from agent.buffer.segments import SegmentStore
@@ -59,10 +59,14 @@ from agent.state.truststore import load_trust_store
 
 log = logging.getLogger("agent.sharing.service")
 
+_BEFORE_REPLAY = frozenset(str(r) for r in BEFORE_REPLAY_REASONS)  # as the access log spells outcomes
+
 UTC = timezone.utc
 HOUSEKEEPING_S = 1.0
 STATUS_INTERVAL_S = 5.0
 STATUS_FILE = "service-status.json"
+MQTT_SESSION_FILE = "mqtt-session.json"
+"""Which filters the broker's session for our client id holds (see ``MqttTransport(session_file=...)``)."""
 DELIVERY_WINDOW = 4
 """Messages of a delivery awaiting their PUBACK at once: enough to fill the link, few enough that
 little is already on its way when the kill switch is pressed (at most 4 x 256 KiB)."""
@@ -266,7 +270,7 @@ class ServiceCounters:
 
 
 class RequestService:
-    """Decides and delivers. ``transport`` may be None for in-process use (tests, benchmarks)."""
+    """Decides and delivers: requests come in, and deliveries go out, through ``transport``."""
 
     name = "requests"
 
@@ -274,7 +278,7 @@ class RequestService:
         self,
         cfg: AgentConfig,
         *,
-        transport: MqttTransport | None,
+        transport: MqttTransport,
         device_key: DeviceKey,
         clock: ClockSource | None = None,
         delivery_give_up_s: float = DELIVERY_GIVE_UP_S,
@@ -307,8 +311,7 @@ class RequestService:
         # Hooks for tests and status displays; they run on the worker threads, so keep them short.
         self.on_decision: Callable[[Decision | None], None] | None = None
         self.delivery_events: Callable[[str, DeliveryJob, dict[str, Any]], None] | None = None
-        if transport is not None:
-            transport.on_dropped = self._dropped_by_transport
+        transport.on_dropped = self._dropped_by_transport
 
     # ---- lifecycle
 
@@ -326,9 +329,8 @@ class RequestService:
                 continue
             log.info("resuming the delivery for request %s (delivery %s)", job.jti, job.delivery_id)
             self._deliveries.put(job)
-        if self.transport is not None:
-            self.transport.start()
-            self._spawn(self._decision_loop, "decisions")
+        self.transport.start()
+        self._spawn(self._decision_loop, "decisions")
         self._spawn(self._delivery_loop, "deliveries")
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
@@ -346,8 +348,7 @@ class RequestService:
         done = not any(t.is_alive() for t in self._threads)
         if done and self._stop.is_set() and not self._closed:
             self._closed = True
-            if self.transport is not None:
-                self.transport.stop()
+            self.transport.stop()
             self.flush_rejections()
             for closer in (self.replay.close, self.accesslog.close, self.store.close):
                 closer()
@@ -424,7 +425,6 @@ class RequestService:
         return d
 
     def _decision_loop(self) -> None:
-        assert self.transport is not None
         next_chores = next_status = 0.0
         while not self._stop.is_set():
             msg = self.transport.get(timeout=0.5)
@@ -492,7 +492,8 @@ class RequestService:
         return None if d.reason is Reason.GRANTED else str(d.reason)
 
     def _logged(self, jti: str) -> bool:
-        return any(e.type == "decision" for e in self.accesslog.entries(jti=jti, limit=1))
+        """Whether a decision that used up ``jti`` is on the record (step 12: refusals by checks 1-11 do not)."""
+        return any(e.type == "decision" and e.outcome not in _BEFORE_REPLAY for e in self.accesslog.entries(jti=jti))
 
     def _closing_event(self, jti: str) -> str | None:
         for e in self.accesslog.entries(jti=jti):
@@ -628,15 +629,10 @@ class RequestService:
         return None
 
     def _hand(self, msg: _InFlight) -> None:
-        if self.transport is None:
-            msg.mid = 0
-            return
         handed = self.transport.publish_nowait(msg.topic, msg.payload, qos=1)
         msg.mid = handed if isinstance(handed, int) else None
 
     def _acked(self, msg: _InFlight) -> bool:
-        if self.transport is None:
-            return True
         if msg.mid is None:
             self.transport.wait_ready(timeout=ACK_POLL_S)
             return False
@@ -661,9 +657,8 @@ class RequestService:
     # ---- status
 
     def status(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"counters": self.counters.__dict__.copy(), "pending_deliveries": self._deliveries.qsize()}
-        if self.transport is not None:
-            out["transport"] = self.transport.status()
+        out: dict[str, Any] = {"counters": self.counters.__dict__.copy(), "pending_deliveries": self._deliveries.qsize(),
+                               "transport": self.transport.status()}
         out["trust_store_error"] = self.trust.error
         return out
 
@@ -752,8 +747,10 @@ def start_service(cfg: AgentConfig) -> RequestService:
     key = DeviceKey.load_or_create(cfg.paths.device_key_file)
     subscription = subscription_filter(mqtt_cfg.root, policy.location.lat, policy.location.lon, mqtt_cfg.precision)
     # The session hangs on the client id; a new filter (moved camera, new precision) gets a fresh session.
+    # The session file lets a fixed mqtt.client_id drop the old filter after a move (see MqttTransport).
     transport = MqttTransport(mqtt_cfg, lat=policy.location.lat, lon=policy.location.lon,
-                              client_id=default_client_id(key.kid, subscription))
+                              client_id=default_client_id(key.kid, subscription),
+                              session_file=cfg.paths.data_dir / MQTT_SESSION_FILE)
     log.info("listening for requests on %s:%d, topic %s", mqtt_cfg.host, mqtt_cfg.port, transport.subscription)
     svc = RequestService(cfg, transport=transport, device_key=key)
     svc.start()

@@ -18,10 +18,13 @@ Choices, and why:
   The agent subscribes on every connect, whether or not the broker kept the
   session: re-subscribing to the same filter is idempotent (Retain Handling 1,
   so retained messages are not sent again), and it means a changed precision
-  or location takes effect even with a fixed ``mqtt.client_id``. The default
+  or location takes effect even with a fixed ``mqtt.client_id``. A session
+  also keeps every filter it was ever given, so the filters it holds are
+  remembered in ``session_file`` and, when the broker resumes a session, any
+  filter other than the current one is unsubscribed before the transport
+  counts as ready: a moved camera stops hearing its old cell. The default
   client id (:func:`default_client_id`) includes a hash of the filter, so a
-  changed filter starts a fresh session instead of keeping the old, possibly
-  broader, subscription alive.
+  changed filter starts a fresh session anyway.
 - **Acknowledge after recording** (paho ``manual_ack``): the PUBACK for a
   request is sent only when the worker calls :meth:`ack`, after it has decided
   the request and durably recorded it (replay memory, access log, pending
@@ -36,9 +39,12 @@ Choices, and why:
 - **Flow control**: the CONNECT carries Receive Maximum (by default a quarter
   of the queue size), so the broker keeps at most that many unacknowledged
   requests in flight to us; a flood waits in the broker, not in our memory.
-  The margin is there because Mosquitto 2.0.11 was seen to overshoot a
-  client's Receive Maximum by up to about 20 messages on its periodic flush.
-  The queue is still bounded and drops (and counts) when full, never
+  The margin is there because Mosquitto before 2.0.13 (Debian 12 ships
+  2.0.11) does not keep to it once messages are acknowledged: each PUBACK
+  for the oldest message in flight lets up to Receive Maximum more out
+  (eclipse/mosquitto#2306, fixed in 2.0.13), so a worker acknowledging a
+  long flood one by one can be sent many more than it asked for. The queue
+  is therefore still bounded and drops (and counts) when full, never
   blocking the network thread.
 - **Size limit**: payloads over 16384 bytes are counted as ``oversize`` and
   dropped before anything looks inside them. paho does not enforce the
@@ -57,6 +63,7 @@ Choices, and why:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import queue
 import socket
@@ -67,6 +74,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -79,6 +87,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from agent.protocol import geohash
 from agent.config import MqttConfig
 from agent.errors import UserError
+from agent.fsutil import write_atomically
 
 log = logging.getLogger("agent.sharing.transport")
 
@@ -237,7 +246,11 @@ class MqttTransport:
         on_dropped: Callable[[str, IncomingMessage | None], None] | None = None,
         reconnect_min_s: int = 1,
         reconnect_max_s: int = 60,
+        session_file: Path | None = None,
     ) -> None:
+        """``session_file`` remembers which filters the broker's session for this client id holds
+        (JSON, 0600), so that a later transport with another filter can unsubscribe the old ones.
+        Without it only this transport's own reconnects are covered."""
         if not config.tls and not config.allow_plaintext:
             raise UserError("mqtt.tls = false needs mqtt.allow_plaintext = true; refusing an unencrypted broker link")
         cid = config.client_id or client_id
@@ -265,6 +278,10 @@ class MqttTransport:
         self._session_present: bool | None = None
         self._last_error: str | None = None
         self._sub_mid: int | None = None
+        self._sub_acked = False
+        self._unsub_mid: int | None = None
+        self.session_file = session_file
+        self._session_filters = self._load_session_filters()
         self._acks: dict[int, ReasonCode] = {}
         self._abandoned: set[int] = set()
         self._client: mqtt.Client | None = None
@@ -289,6 +306,7 @@ class MqttTransport:
         c.on_connect_fail = self._handle_connect_fail
         c.on_disconnect = self._handle_disconnect
         c.on_subscribe = self._handle_subscribe
+        c.on_unsubscribe = self._handle_unsubscribe
         c.on_message = self._handle_message
         c.on_publish = self._handle_publish
         props = Properties(PacketTypes.CONNECT)
@@ -433,7 +451,7 @@ class MqttTransport:
 
     @property
     def ready(self) -> bool:
-        """Connected, and the broker acknowledged our subscription on this connection."""
+        """Connected, the broker acknowledged our subscription on this connection and dropped any stale one."""
         return self._ready
 
     @property
@@ -510,13 +528,32 @@ class MqttTransport:
                 detail = "connected; " + ("the broker kept our session" if self._session_present else "new session")
                 self._changed.notify_all()
         if not reason_code.is_failure:
-            rc, mid = client.subscribe(self.subscription, options=SubscribeOptions(qos=1, retainHandling=1))
-            with self._lock:
-                self._sub_mid = mid
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                log.warning("subscribe to %s not sent: %s", self.subscription, mqtt.error_string(rc))
+            self._subscribe(client)
         log.info("%s", detail)
         self._emit(detail)
+
+    def _subscribe(self, client: mqtt.Client) -> None:
+        """Subscribe to our filter and unsubscribe any other filter a resumed session still holds."""
+        with self._lock:
+            stale = sorted(self._session_filters - {self.subscription}) if self._session_present else []
+            held = set(stale) | {self.subscription}
+            changed = held != self._session_filters
+            self._session_filters = held
+            self._sub_acked = False
+        if changed:  # recorded before the SUBSCRIBE goes out, so a crash in between still knows of it
+            self._save_session_filters(held)
+        rc, mid = client.subscribe(self.subscription, options=SubscribeOptions(qos=1, retainHandling=1))
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            log.warning("subscribe to %s not sent: %s", self.subscription, mqtt.error_string(rc))
+        unsub_mid = None
+        if stale:
+            log.info("the broker kept this session's old subscription(s) %s; unsubscribing", ", ".join(stale))
+            rc, unsub_mid = client.unsubscribe(stale)
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                log.warning("unsubscribe from %s not sent: %s", ", ".join(stale), mqtt.error_string(rc))
+        with self._lock:
+            self._sub_mid = mid
+            self._unsub_mid = unsub_mid
 
     def _handle_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         # paho calls this inside its ``except OSError`` block, so the exception is still at hand.
@@ -562,11 +599,55 @@ class MqttTransport:
                 detail = self._last_error
                 log.error("%s; check the broker's ACL for this agent", detail)
             else:
-                self._ready = True
+                self._sub_acked = True
+                self._ready = self._unsub_mid is None
                 detail = f"subscribed to {self.subscription}"
                 log.info("%s", detail)
             self._changed.notify_all()
         self._emit(detail)
+
+    def _handle_unsubscribe(self, client: mqtt.Client, userdata: Any, mid: int,
+                            reason_codes: list[ReasonCode], properties: Properties | None) -> None:
+        with self._changed:
+            if mid != self._unsub_mid:
+                return
+            stale = sorted(self._session_filters - {self.subscription})
+            # Success and "No subscription existed" both mean the filter is gone; a failure means it may not be.
+            kept = {f for f, rc in zip(stale, reason_codes) if rc.is_failure}
+            self._session_filters = kept | {self.subscription}
+            self._unsub_mid = None
+            self._ready = self._sub_acked
+            held = set(self._session_filters)
+            self._changed.notify_all()
+        if kept:
+            log.error("the broker would not drop the old subscription(s) %s", ", ".join(sorted(kept)))
+        self._save_session_filters(held)
+        self._emit("old subscription(s) dropped" if not kept else "old subscription(s) kept by the broker")
+
+    def _load_session_filters(self) -> set[str]:
+        """The filters the broker's session for this client id was last known to hold."""
+        if self.session_file is None:
+            return set()
+        try:
+            record = json.loads(self.session_file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return set()
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read %s (%s); old subscriptions of a resumed session may stay", self.session_file, exc)
+            return set()
+        if not isinstance(record, dict) or record.get("client_id") != self.client_id:
+            return set()  # another client id's session: nothing to do with ours
+        filters = record.get("filters")
+        return {f for f in filters if isinstance(f, str)} if isinstance(filters, list) else set()
+
+    def _save_session_filters(self, filters: set[str]) -> None:
+        if self.session_file is None:
+            return
+        record = {"client_id": self.client_id, "filters": sorted(filters)}
+        try:
+            write_atomically(self.session_file, json.dumps(record).encode("utf-8"), mode=0o600)
+        except OSError as exc:
+            log.warning("cannot record the session's subscriptions in %s: %s", self.session_file, exc)
 
     def _handle_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:

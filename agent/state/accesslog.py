@@ -332,8 +332,12 @@ class AccessLog:
         when = _utc_ms(at or self._clock())
         with self._lock, transaction(self._conn) as conn:
                 if ref_jti is not None:
+                    # The decision an event follows is the one that shared or held the request: a copy
+                    # refused before it (step 12 lets the genuine copy through) or a replay after it is not.
                     ref = conn.execute(
-                        "SELECT seq, iss FROM access_log WHERE jti = ? AND type = 'decision' ORDER BY seq LIMIT 1", (ref_jti,)
+                        "SELECT seq, iss FROM access_log WHERE jti = ? AND type = 'decision' "
+                        "ORDER BY outcome IN ('granted', 'awaiting_resident') DESC, seq DESC LIMIT 1",
+                        (ref_jti,),
                     ).fetchone()
                     if ref is None:
                         raise AccessLogError(f"no logged request with jti {ref_jti!r}; an event must follow its decision")

@@ -109,7 +109,7 @@ def _record(source, data: Path, *, live: bool | None = None) -> dict:  # noqa: A
     cpu, wb, wall = _cpu() - cpu0, _write_bytes() - wb0, time.perf_counter() - t0
     kept = sum(r.bytes for r in store.all())
     return {"cpu_s": cpu, "wall_s": wall, "write_bytes": wb, "kept_bytes": kept,
-            "finalize_s": rec.finalize_latencies_s, "captured": stats.frames_captured,
+            "finalize_s": list(rec.finalize_latencies_s), "captured": stats.frames_captured,
             "dropped": stats.frames_dropped, "recorded": stats.frames_recorded,
             "segments": stats.segments_written, "maxrss_kb": _peak_rss_kb()}
 
@@ -144,7 +144,7 @@ def child(mode: str, data: str, extra: str = "") -> None:
         import cv2  # noqa: F401
         import numpy  # noqa: F401
 
-        from agent import recorder, segments  # noqa: F401
+        from agent.buffer import recorder, segments  # noqa: F401
         out = {"maxrss_kb": _peak_rss_kb()}
     else:
         raise SystemExit(f"unknown mode {mode}")
