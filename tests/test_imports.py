@@ -18,7 +18,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from fractions import Fraction
 from pathlib import Path
 
@@ -90,8 +90,8 @@ def hold_request(config: Path) -> int:
     from agent.config import load_config
     from agent.state.approvals import ApprovalQueue
 
-    now = datetime.now(timezone.utc).replace(microsecond=0)
-    start = datetime(2026, 11, 26, 20, 0, tzinfo=timezone.utc)
+    now = datetime.now(UTC).replace(microsecond=0)
+    start = datetime(2026, 11, 26, 20, 0, tzinfo=UTC)
     item = ApprovalQueue(load_config(config).paths.state_db).hold(
         raw=b"eyJhbGciOiJFZDI1NTE5In0.payload.sig", jti="request-jti-000001-abcdef", iss="jackson-pd",
         sub="Det. R. Alvarez", case="2026-001234", purpose="Package theft reported on Elm Street",
@@ -115,7 +115,7 @@ def with_a_logged_request(tmp_path: Path, config: Path) -> list[str]:
 
     paths = load_config(config).paths
     DeviceKey.load_or_create(paths.device_key_file)
-    now = datetime.now(timezone.utc).replace(microsecond=0)
+    now = datetime.now(UTC).replace(microsecond=0)
     with AccessLog(paths.state_db) as log:
         log.append(jti="req-0001-test-aaaaaaaa", iss="jackson-pd", sub="badge-4471", case="JPD-2026-000001",
                    purpose="Burglary reported on the 1200 block of N State St.",

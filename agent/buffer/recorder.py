@@ -46,9 +46,9 @@ from typing import Any, Protocol
 import av
 
 from agent.buffer.capture import EncodedPacket, Frame, Source, SourceEnded, SourceUnavailable
-from agent.config import BufferConfig, CameraConfig
 from agent.buffer.segmentfile import EncoderSettings, SegmentFile, pick_codec
 from agent.buffer.segments import SegmentStore
+from agent.config import BufferConfig, CameraConfig
 from agent.runtime.status import read_status, write_json_atomic  # noqa: F401 - read_status: still importable here
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from agent.timeutil import format_local, format_utc, from_us, parse_user_time, t
 PROGRESS_AFTER_S = 2.0
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "clip",
         help="save the footage between two times to an MP4 file",

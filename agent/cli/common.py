@@ -8,7 +8,6 @@ import logging
 import os
 import sys
 from typing import Any
-
 from zoneinfo import ZoneInfo
 
 from agent.config import AgentConfig, load_config

@@ -8,7 +8,7 @@ from agent.cli.common import add_json_flag, config_from, print_json
 from agent.config import config_path
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("config", help="check the configuration file")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     check = csub.add_parser("check", help="validate the configuration and say what is wrong, if anything")

@@ -10,7 +10,7 @@ import argparse
 from agent.cli.common import add_json_flag, print_json
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "conformance",
         help="check the agent's decisions against a protocol vectors file",

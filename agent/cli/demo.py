@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run a self-contained demo: camera, broker, agency request, encrypted delivery")
     p.add_argument("--seconds", type=float, default=12.0, help="how long to record before the request (default 12)")
     p.add_argument("--workdir", type=Path, help="where to keep the demo's files (default: a new temporary directory)")

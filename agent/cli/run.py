@@ -17,7 +17,7 @@ from agent.runtime.supervisor import run_agent
 from agent.timeutil import format_local, from_us
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="record the camera into the rolling buffer until stopped",
                        description="Record the camera into the rolling buffer until stopped (Ctrl-C or SIGTERM).")
     p.set_defaults(func=cmd_run)

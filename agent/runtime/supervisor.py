@@ -184,7 +184,7 @@ def run_components(cfg: AgentConfig, starters: Sequence[Callable[[AgentConfig], 
                    stop: threading.Event | None = None) -> int:
     """Start every component; run until SIGTERM/SIGINT (or ``stop``) or one of them finishes; stop all."""
     stop = stop or threading.Event()
-    previous: dict[int, Any] = {}
+    previous: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, lambda signum, _frame: stop.set())
