@@ -530,7 +530,7 @@ def decide_only(svc: RequestService, payload: bytes) -> Decision:
 def test_outbox_jobs_without_a_logged_grant_or_already_ended_are_not_delivered(env: Env, agency: Agency) -> None:
     """After a crash, the outbox holds a job whose grant never reached the log and one whose delivery
     had already ended: on restart neither is delivered, and both are tidied away."""
-    from agent.sharing.service import DeliveryJob
+    from agent.sharing.outbox import DeliveryJob
 
     svc = in_process(env)
     now = env.clock.now()

@@ -76,7 +76,6 @@ def status_lines(data: dict[str, Any]) -> list[str]:
         for g in buf["gaps"]:
             out.append(f"  {_local_z(g['start'])} to {_local_z(g['end'])} ({human_duration(g['seconds'])}): {g['reason']}")
     if "sharing" in data:
-        from agent.sharing.service import sharing_lines
 
         out.extend(sharing_lines(data["sharing"]))
     return out
@@ -90,3 +89,44 @@ def _local_z(text: str) -> str:
     from agent.timeutil import parse_utc_z
 
     return format_local(parse_utc_z(text))
+
+
+def sharing_lines(data: dict[str, Any]) -> list[str]:
+    """``sharing_status`` in plain words for the homeowner."""
+    out = []
+    if not data["enabled"]:
+        return ["Sharing: OFF (no [policy] and [mqtt] in the configuration): footage never leaves this device."]
+    blockers = []
+    if data["kill_switch"]["engaged"]:
+        blockers.append(f"the kill switch is ON ({data['kill_switch']['reason']})")
+    if not data["clock"]["synced"]:
+        blockers.append(f"the clock is not known to be right ({data['clock']['why']})")
+    trust = data["trust"]
+    if trust["error"]:
+        blockers.append(f"the trust store cannot be read ({trust['error']})")
+    elif trust["usable"] == 0:
+        blockers.append("no agency key is trusted (doorbell-agent trust add FILE)")
+    if blockers:
+        out.append("Sharing: BLOCKED, nothing will be shared because " + "; and ".join(blockers) + ".")
+    else:
+        out.append(f"Sharing: allowed for signed requests that meet your rules ({trust['usable']} trusted agency key(s)).")
+    broker = data.get("broker")
+    if broker and not broker["tls"]:
+        out.append("  WARNING: the broker link is NOT encrypted (mqtt.tls = false).")
+    svc = data.get("service")
+    if svc is None:
+        out.append("  Request listener: not running (it starts with 'doorbell-agent run').")
+    elif svc.get("stale"):
+        out.append(f"  Request listener: not reporting for {svc['age_s']:.0f} s; the agent may have stopped.")
+    else:
+        t = svc.get("transport") or {}
+        c = svc.get("counters") or {}
+        state = "connected" if t.get("ready") else (t.get("state") or "unknown")
+        err = f" (last problem: {t['last_error']})" if t.get("last_error") and not t.get("ready") else ""
+        out.append(f"  Broker {t.get('broker', '?')}: {state}{err}.")
+        out.append(f"  Requests: {c.get('granted', 0)} granted, {c.get('refused', 0)} refused, "
+                   f"{c.get('held_for_approval', 0)} held for you, {c.get('preauth_rejected', 0)} unsigned or "
+                   f"malformed messages ignored; {c.get('delivered', 0)} deliveries completed.")
+    if data["pending_approvals"]:
+        out.append(f"  {data['pending_approvals']} request(s) wait for your answer: doorbell-agent pending")
+    return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 
 # A status file older than this (or three status intervals, if longer) is stale.
 STALE_AFTER_S = 15.0
+SERVICE_STATUS_FILE = "service-status.json"
+SERVICE_STATUS_INTERVAL_S = 5.0
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
@@ -44,7 +47,6 @@ def gather_status(cfg: AgentConfig, now: int | None = None) -> dict[str, Any]:
     """Everything ``status`` shows, as plain data (the ``--json`` form)."""
     from agent.buffer.segments import SegmentStore
     from agent.runtime.supervisor import recorder_running
-    from agent.sharing.service import sharing_status
     from agent.timeutil import format_utc, from_us
 
     now = now if now is not None else time.time_ns() // 1000
@@ -90,3 +92,38 @@ def human_duration(seconds: float) -> str:
     h, rem = divmod(s, 3600)
     m, sec = divmod(rem, 60)
     return f"{h} h {m} min" if h else f"{m} min {sec} s"
+
+
+def sharing_status(cfg: AgentConfig, now: datetime | None = None) -> dict[str, Any]:
+    """What ``status`` shows about sharing: read from disk, so it works while ``run`` is in another process."""
+    from agent.protocol.trust import TrustStoreError
+    from agent.state.approvals import ApprovalQueue
+    from agent.state.clock import SystemClock
+    from agent.state.killswitch import KillSwitch
+    from agent.state.truststore import load_trust_store
+    from agent.timeutil import to_us
+
+    now = now or datetime.now(UTC)
+    out: dict[str, Any] = {"enabled": cfg.policy is not None and cfg.mqtt is not None}
+    ks = KillSwitch(cfg.paths.killswitch_file).state()
+    out["kill_switch"] = {"engaged": ks.engaged, "reason": ks.reason}
+    ok, why = SystemClock.from_config(cfg).synced()
+    out["clock"] = {"synced": ok, "why": why}
+    try:
+        trust = load_trust_store(cfg.paths.trust_file, missing_ok=True)
+        out["trust"] = {"keys": len(trust), "usable": sum(1 for k in trust if k.valid_at(now)), "error": None}
+    except TrustStoreError as exc:
+        out["trust"] = {"keys": 0, "usable": 0, "error": str(exc)}
+    if cfg.paths.state_db.exists():
+        out["pending_approvals"] = len(ApprovalQueue(cfg.paths.state_db).pending(now))
+    else:
+        out["pending_approvals"] = 0
+    if cfg.mqtt is not None:
+        out["broker"] = {"host": cfg.mqtt.host, "port": cfg.mqtt.port, "tls": cfg.mqtt.tls}
+    svc = read_status(cfg.paths.data_dir / SERVICE_STATUS_FILE)
+    if svc is not None:
+        age = (to_us(now) - int(svc.get("updated_us", 0))) / 1e6
+        svc["stale"] = age > 3 * SERVICE_STATUS_INTERVAL_S
+        svc["age_s"] = round(age, 1)
+    out["service"] = svc
+    return out

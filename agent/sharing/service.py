@@ -24,7 +24,6 @@ grant therefore produces exactly one delivery.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import mmap
 import os
@@ -38,24 +37,24 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from agent.buffer.clips import ClipError, NoFootageError, cut_clip
+from agent.buffer.segments import SegmentStore
+from agent.config import AgentConfig
+from agent.protocol.decision import BEFORE_REPLAY_REASONS, Decision, Policy, Reason, decide
+from agent.protocol.geohash import subscription_filter
+from agent.protocol.sealing import SealedDelivery, new_delivery_id, resume_delivery, seal_delivery
+from agent.protocol.trust import TrustStore, TrustStoreError
+from agent.runtime.status import SERVICE_STATUS_FILE, SERVICE_STATUS_INTERVAL_S, write_json_atomic
+from agent.sharing.outbox import DeliveryJob, Outbox
+from agent.sharing.transport import MqttTransport, default_client_id
 from agent.state.accesslog import AccessLog
 from agent.state.approvals import ApprovalQueue, PendingApproval
-from agent.buffer.clips import ClipError, NoFootageError, cut_clip
 from agent.state.clock import ClockSource, SystemClock
-from agent.config import AgentConfig
-from agent.protocol.sealing import SealedDelivery, new_delivery_id, resume_delivery, seal_delivery
 from agent.state.devicekey import DeviceKey
-from agent.fsutil import write_atomically
-from agent.protocol.geohash import subscription_filter
 from agent.state.killswitch import KillSwitch
-from agent.protocol.decision import BEFORE_REPLAY_REASONS, Decision, Policy, Reason, decide
-from agent.runtime.status import read_status, write_json_atomic
 from agent.state.replay import ReplayMemory
-from agent.buffer.segments import SegmentStore
-from agent.timeutil import format_utc, from_us, parse_utc_z, to_us
-from agent.sharing.transport import MqttTransport, default_client_id
-from agent.protocol.trust import TrustStore, TrustStoreError
 from agent.state.truststore import load_trust_store
+from agent.timeutil import format_utc, from_us, to_us
 
 log = logging.getLogger("agent.sharing.service")
 
@@ -63,8 +62,6 @@ _BEFORE_REPLAY = frozenset(str(r) for r in BEFORE_REPLAY_REASONS)  # as the acce
 
 UTC = timezone.utc
 HOUSEKEEPING_S = 1.0
-STATUS_INTERVAL_S = 5.0
-STATUS_FILE = "service-status.json"
 MQTT_SESSION_FILE = "mqtt-session.json"
 """Which filters the broker's session for our client id holds (see ``MqttTransport(session_file=...)``)."""
 DELIVERY_WINDOW = 4
@@ -161,34 +158,7 @@ class TrustCache:
         self._store = None
 
 
-# -- delivery jobs ------------------------------------------------------------------
-
-
-@dataclass
-class DeliveryJob:
-    jti: str
-    delivery_id: str
-    iss: str
-    recipient: dict[str, str]
-    granted_start: datetime
-    granted_end: datetime
-    log_seq: int
-    log_hash: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "jti": self.jti, "delivery_id": self.delivery_id, "iss": self.iss, "recipient": self.recipient,
-            "granted": {"start": format_utc(self.granted_start), "end": format_utc(self.granted_end)},
-            "log": {"seq": self.log_seq, "hash": self.log_hash},
-        }  # fmt: skip
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> DeliveryJob:
-        return cls(
-            jti=obj["jti"], delivery_id=obj["delivery_id"], iss=obj["iss"], recipient=obj["recipient"],
-            granted_start=parse_utc_z(obj["granted"]["start"]), granted_end=parse_utc_z(obj["granted"]["end"]),
-            log_seq=int(obj["log"]["seq"]), log_hash=obj["log"]["hash"],
-        )  # fmt: skip
+# -- delivery messages in flight ----------------------------------------------------
 
 
 @dataclass
@@ -200,54 +170,6 @@ class _InFlight:
     @property
     def is_chunk(self) -> bool:
         return not self.topic.endswith("/manifest")
-
-
-class Outbox:
-    """``<data_dir>/outbox``: jobs, clips and sealed state of deliveries not yet finished (0700/0600)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(root, 0o700)
-
-    def job_path(self, jti: str) -> Path:
-        return self.root / f"{jti}.job.json"
-
-    def clip_path(self, jti: str) -> Path:
-        return self.root / f"{jti}.mp4"
-
-    def sealed_path(self, jti: str) -> Path:
-        return self.root / f"{jti}.sealed.json"
-
-    def add(self, job: DeliveryJob) -> None:
-        write_atomically(self.job_path(job.jti), json.dumps(job.to_json()).encode(), mode=0o600)
-
-    def save_sealed(self, jti: str, state: dict[str, str]) -> None:
-        write_atomically(self.sealed_path(jti), json.dumps(state).encode(), mode=0o600)
-
-    def sealed(self, jti: str) -> dict[str, str] | None:
-        try:
-            return json.loads(self.sealed_path(jti).read_text())
-        except FileNotFoundError:
-            return None
-
-    def pending(self) -> list[DeliveryJob]:
-        jobs = []
-        for p in sorted(self.root.glob("*.job.json")):
-            try:
-                jobs.append(DeliveryJob.from_json(json.loads(p.read_text())))
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.error("unreadable delivery job %s (%s); it is set aside as %s.bad", p.name, exc, p.name)
-                p.rename(p.with_name(p.name + ".bad"))
-        return jobs
-
-    def has(self, jti: str) -> bool:
-        return self.job_path(jti).exists()
-
-    def remove(self, jti: str) -> None:
-        # The job first: without it nothing resumes, whatever a crash leaves of the rest.
-        for p in (self.job_path(jti), self.sealed_path(jti), self.clip_path(jti)):
-            p.unlink(missing_ok=True)
 
 
 # -- the service --------------------------------------------------------------------
@@ -443,7 +365,7 @@ class RequestService:
                 next_chores = time.monotonic() + HOUSEKEEPING_S
                 self.chores()
             if time.monotonic() >= next_status:
-                next_status = time.monotonic() + STATUS_INTERVAL_S
+                next_status = time.monotonic() + SERVICE_STATUS_INTERVAL_S
                 self.write_status()
 
     def chores(self) -> None:
@@ -664,80 +586,11 @@ class RequestService:
 
     def write_status(self) -> None:
         try:
-            write_json_atomic(self.cfg.paths.data_dir / STATUS_FILE,
+            write_json_atomic(self.cfg.paths.data_dir / SERVICE_STATUS_FILE,
                               {**self.status(), "pid": os.getpid(), "updated_us": to_us(datetime.now(UTC)),
-                               "status_interval_s": STATUS_INTERVAL_S})
+                               "status_interval_s": SERVICE_STATUS_INTERVAL_S})
         except OSError as exc:
             log.warning("cannot write the service status file: %s", exc)
-
-
-def sharing_status(cfg: AgentConfig, now: datetime | None = None) -> dict[str, Any]:
-    """What ``status`` shows about sharing: read from disk, so it works while ``run`` is in another process."""
-    now = now or datetime.now(UTC)
-    out: dict[str, Any] = {"enabled": cfg.policy is not None and cfg.mqtt is not None}
-    ks = KillSwitch(cfg.paths.killswitch_file).state()
-    out["kill_switch"] = {"engaged": ks.engaged, "reason": ks.reason}
-    ok, why = SystemClock.from_config(cfg).synced()
-    out["clock"] = {"synced": ok, "why": why}
-    try:
-        trust = load_trust_store(cfg.paths.trust_file, missing_ok=True)
-        out["trust"] = {"keys": len(trust), "usable": sum(1 for k in trust if k.valid_at(now)), "error": None}
-    except TrustStoreError as exc:
-        out["trust"] = {"keys": 0, "usable": 0, "error": str(exc)}
-    if cfg.paths.state_db.exists():
-        out["pending_approvals"] = len(ApprovalQueue(cfg.paths.state_db).pending(now))
-    else:
-        out["pending_approvals"] = 0
-    if cfg.mqtt is not None:
-        out["broker"] = {"host": cfg.mqtt.host, "port": cfg.mqtt.port, "tls": cfg.mqtt.tls}
-    svc = read_status(cfg.paths.data_dir / STATUS_FILE)
-    if svc is not None:
-        age = (to_us(now) - int(svc.get("updated_us", 0))) / 1e6
-        svc["stale"] = age > 3 * STATUS_INTERVAL_S
-        svc["age_s"] = round(age, 1)
-    out["service"] = svc
-    return out
-
-
-def sharing_lines(data: dict[str, Any]) -> list[str]:
-    """``sharing_status`` in plain words for the homeowner."""
-    out = []
-    if not data["enabled"]:
-        return ["Sharing: OFF (no [policy] and [mqtt] in the configuration): footage never leaves this device."]
-    blockers = []
-    if data["kill_switch"]["engaged"]:
-        blockers.append(f"the kill switch is ON ({data['kill_switch']['reason']})")
-    if not data["clock"]["synced"]:
-        blockers.append(f"the clock is not known to be right ({data['clock']['why']})")
-    trust = data["trust"]
-    if trust["error"]:
-        blockers.append(f"the trust store cannot be read ({trust['error']})")
-    elif trust["usable"] == 0:
-        blockers.append("no agency key is trusted (doorbell-agent trust add FILE)")
-    if blockers:
-        out.append("Sharing: BLOCKED, nothing will be shared because " + "; and ".join(blockers) + ".")
-    else:
-        out.append(f"Sharing: allowed for signed requests that meet your rules ({trust['usable']} trusted agency key(s)).")
-    broker = data.get("broker")
-    if broker and not broker["tls"]:
-        out.append("  WARNING: the broker link is NOT encrypted (mqtt.tls = false).")
-    svc = data.get("service")
-    if svc is None:
-        out.append("  Request listener: not running (it starts with 'doorbell-agent run').")
-    elif svc.get("stale"):
-        out.append(f"  Request listener: not reporting for {svc['age_s']:.0f} s; the agent may have stopped.")
-    else:
-        t = svc.get("transport") or {}
-        c = svc.get("counters") or {}
-        state = "connected" if t.get("ready") else (t.get("state") or "unknown")
-        err = f" (last problem: {t['last_error']})" if t.get("last_error") and not t.get("ready") else ""
-        out.append(f"  Broker {t.get('broker', '?')}: {state}{err}.")
-        out.append(f"  Requests: {c.get('granted', 0)} granted, {c.get('refused', 0)} refused, "
-                   f"{c.get('held_for_approval', 0)} held for you, {c.get('preauth_rejected', 0)} unsigned or "
-                   f"malformed messages ignored; {c.get('delivered', 0)} deliveries completed.")
-    if data["pending_approvals"]:
-        out.append(f"  {data['pending_approvals']} request(s) wait for your answer: doorbell-agent pending")
-    return out
 
 
 def start_service(cfg: AgentConfig) -> RequestService:

@@ -84,10 +84,10 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent.protocol import geohash
 from agent.config import MqttConfig
 from agent.errors import UserError
 from agent.fsutil import write_atomically
+from agent.protocol import geohash
 
 log = logging.getLogger("agent.sharing.transport")
 
