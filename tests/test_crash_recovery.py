@@ -80,10 +80,10 @@ def test_kill_9_at_random_moments_loses_at_most_the_open_segment(tmp_path: Path)
         proc = start_agent(cfg, log)
         try:
             # Wait for this run to finish a segment of its own, then kill it at a random moment.
-            wait_for(lambda: len(finished_files(segments) - before) >= 1, 30, "the first segment of this run")
+            wait_for(lambda before=before: len(finished_files(segments) - before) >= 1, 30, "the first segment of this run")
             target = rng.uniform(0.0, 2.5)
             t_end = time.monotonic() + target
-            wait_for(lambda: time.monotonic() >= t_end or proc.poll() is not None, 10, "the random moment")
+            wait_for(lambda t_end=t_end, proc=proc: time.monotonic() >= t_end or proc.poll() is not None, 10, "the random moment")
             assert proc.poll() is None, "the recorder exited by itself"
             killed_at = now_us()
             proc.send_signal(signal.SIGKILL)

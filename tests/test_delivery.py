@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from agent.city import DeliveryRejected, open_delivery
 from agent.city.requests import new_recipient_key
 from agent.protocol import sealing
+from agent.protocol.jose import b64url_decode, jwk_thumbprint
+from agent.protocol.jose import b64url_encode as b64url
 from agent.protocol.sealing import (
     CHUNK_BYTES,
     HPKE_SUITE,
@@ -27,8 +29,6 @@ from agent.protocol.sealing import (
     resume_delivery,
     seal_delivery,
 )
-from agent.protocol.jose import b64url_decode, jwk_thumbprint
-from agent.protocol.jose import b64url_encode as b64url
 from agent.state.devicekey import DeviceKey
 from agent.timeutil import UTC
 from tests.conftest import DELIVERY_VECTOR
@@ -352,7 +352,7 @@ def test_chunks_are_sealed_only_when_asked(recipient: tuple[dict[str, str], dict
     assert encrypted == [0, 1]
 
     published = []
-    for topic, payload in sealed.publications("civic/test"):
+    for topic, _payload in sealed.publications("civic/test"):
         published.append(topic)
         if len(published) == 3:  # the manifest, chunk 0, chunk 1: then the kill switch
             break

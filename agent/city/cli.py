@@ -19,7 +19,6 @@ import json
 import os
 import sys
 import time
-import traceback
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -29,7 +28,8 @@ from agent.city.keys import keygen, load_signing_key
 from agent.city.mqtt import BrokerSettings, MqttSession
 from agent.city.receive import DeliveryCollector, DeliveryRejected, open_delivery
 from agent.city.requests import DEFAULT_LIFETIME_S, build_request, request_claims, request_topics
-from agent.errors import UserError
+from agent.errors import UserError, run_command
+from agent.fsutil import write_atomically
 from agent.timeutil import UTC, format_utc
 
 DEFAULT_STATE_DIR = Path(os.environ.get("DOORBELL_CITY_HOME", "~/.doorbell-city")).expanduser() / "requests"
@@ -131,11 +131,8 @@ def save_request_state(state_dir: Path, state: dict[str, Any]) -> Path:
     """One 0600 file per request: it holds the recipient private key."""
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = _state_path(state_dir, state["jti"])
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(state, f, indent=2)
-        f.write("\n")
-    os.chmod(path, 0o600)
+    if not write_atomically(path, (json.dumps(state, indent=2) + "\n").encode("utf-8"), 0o600, replace=False):
+        raise UserError(f"{path} already exists: a request with this id was already saved; nothing was overwritten")
     return path
 
 
@@ -372,20 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except UserError as exc:
-        print(f"doorbell-city: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("doorbell-city: stopped", file=sys.stderr)
-        return 130
-    except Exception as exc:  # a bug: say so plainly
-        print(f"doorbell-city: unexpected error ({type(exc).__name__}: {exc}); set DOORBELL_CITY_DEBUG=1 for details",
-              file=sys.stderr)
-        if os.environ.get("DOORBELL_CITY_DEBUG"):
-            traceback.print_exc()
-        return 1
+    return run_command(lambda: args.func(args), prog="doorbell-city", debug_env="DOORBELL_CITY_DEBUG")
 
 
 if __name__ == "__main__":

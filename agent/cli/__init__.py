@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
-import traceback
 from collections.abc import Sequence
 
 from agent import __version__
-from agent.errors import UserError
+from agent.errors import run_command
 
 COMMAND_MODULES = (
     "agent.cli.config",
@@ -97,26 +95,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = command_module(argv)
     parser = build_parser((module,) if module is not None else COMMAND_MODULES)
     args = parser.parse_args(argv)
-    try:
-        result = args.func(args)
-    except UserError as exc:
-        print(f"doorbell-agent: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("doorbell-agent: stopped", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 0
-    except Exception as exc:  # a bug: say so plainly, keep the detail for the developer
-        logging.getLogger("agent").debug("unhandled error", exc_info=True)
-        print(
-            f"doorbell-agent: something went wrong inside the agent ({type(exc).__name__}: {exc}). "
-            "Nothing was shared. Run again with DOORBELL_AGENT_DEBUG=1 to see the details for a bug report.",
-            file=sys.stderr,
-        )
-        import os
-
-        if os.environ.get("DOORBELL_AGENT_DEBUG"):
-            traceback.print_exc()
-        return 1
-    return int(result or 0)
+    return run_command(lambda: args.func(args), prog="doorbell-agent", debug_env="DOORBELL_AGENT_DEBUG",
+                       bug_words=" Nothing was shared.")

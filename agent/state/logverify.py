@@ -200,7 +200,7 @@ def verify_rows(
     report.head_seq, report.head_hash = last_seq, prev.hex()
 
     last_good_cp = 0
-    for cp_seq, cp_hash, cp_kid, jws in cps:
+    for cp_seq, cp_hash, _cp_kid, jws in cps:
         payload, why = _check_jws(jws, key)
         if payload is None:
             report.problems.append(Problem(max(int(cp_seq), 1), "checkpoint_signature", f"the signed checkpoint for entry {cp_seq} {why}."))
