@@ -16,7 +16,7 @@ import os
 import re
 import tomllib
 import zoneinfo
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -29,7 +29,8 @@ DEFAULT_CONFIG_PATH = Path("/etc/doorbell-agent/agent.toml")
 CONFIG_ENV = "DOORBELL_AGENT_CONFIG"
 ENV_PREFIX = "DOORBELL_AGENT_"
 
-DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+DayName = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+DAY_NAMES: tuple[DayName, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _HHMM = re.compile(r"(?:[01]\d|2[0-3]):[0-5]\d|24:00", re.ASCII)
 
 
@@ -71,6 +72,11 @@ class PathsConfig(_Section):
     def status_file(self) -> Path:
         """The recorder's live counters, for ``doorbell-agent status``."""
         return self.data_dir / "recorder-status.json"
+
+    @property
+    def service_status_file(self) -> Path:
+        """The sharing service's live counters and broker state, for ``doorbell-agent status``."""
+        return self.data_dir / "service-status.json"
 
 
 Point = tuple[int, int]
@@ -130,7 +136,7 @@ class ScheduleRule(_Section):
     """One weekly rule in the resident's local time; ``from`` > ``to`` runs past midnight."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-    days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] = Field(min_length=1)
+    days: list[DayName] = Field(min_length=1)
     from_: str = Field(alias="from")
     to: str
 
@@ -146,7 +152,7 @@ def _utc(v: Any) -> Any:
     if isinstance(v, datetime):
         if v.tzinfo is None:
             raise ValueError("give a time zone, e.g. 2026-12-01T00:00:00Z")
-        return v.astimezone(timezone.utc)
+        return v.astimezone(UTC)
     return v
 
 

@@ -7,9 +7,11 @@ target, fsync it, rename it over the target, fsync the directory.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 
 def fsync_dir(path: Path) -> None:
@@ -58,3 +60,17 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o644, *, replace: boo
     if durable:
         fsync_dir(path.parent)
     return True
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Replace ``path`` in one step so a reader never sees half a file. Not fsynced: it is live state."""
+    write_atomically(path, json.dumps(data, sort_keys=True).encode("utf-8"), 0o644, durable=False)
+
+
+def read_status(path: Path) -> dict[str, Any] | None:
+    """The last status written to ``path``, or None if there is none (or it cannot be read)."""
+    try:
+        data = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError, PermissionError):
+        return None
+    return data if isinstance(data, dict) else None

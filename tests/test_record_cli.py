@@ -16,7 +16,7 @@ import pytest
 
 from agent.buffer.segments import SegmentStore
 from agent.cli import main
-from agent.runtime.status import write_json_atomic
+from agent.fsutil import write_json_atomic
 from tests.buffer_helpers import now_us, write_segment
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,9 +12,10 @@ import av
 import numpy as np
 
 from agent.buffer.capture import EncodedPacket, Frame, SourceEnded, SourceUnavailable
-from agent.config import BufferConfig, CameraConfig
-from agent.buffer.recorder import Recorder, ScaledMask, read_status, write_json_atomic
+from agent.buffer.recorder import Recorder, ScaledMask
 from agent.buffer.segments import SegmentStore
+from agent.config import BufferConfig, CameraConfig
+from agent.fsutil import read_status, write_json_atomic
 from tests.buffer_helpers import (
     FPS,
     FRAME_US,

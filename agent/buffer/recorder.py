@@ -49,7 +49,7 @@ from agent.buffer.capture import EncodedPacket, Frame, Source, SourceEnded, Sour
 from agent.buffer.segmentfile import EncoderSettings, SegmentFile, pick_codec
 from agent.buffer.segments import SegmentStore
 from agent.config import BufferConfig, CameraConfig
-from agent.runtime.status import read_status, write_json_atomic  # noqa: F401 - read_status: still importable here
+from agent.fsutil import write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """The live status files, and everything ``doorbell-agent status`` reports, as plain data.
 
 The recorder and the sharing service each replace a small JSON file every few
-seconds (:func:`write_json_atomic`); ``status``, which may run in another
-process, reads them back (:func:`read_status`) and adds what it can see for
+seconds (:func:`agent.fsutil.write_json_atomic`); ``status``, which may run in another
+process, reads them back (:func:`agent.fsutil.read_status`) and adds what it can see for
 itself: whether a recorder holds the buffer's lock, and what the buffer holds.
 
 Importing this module loads no video library: the helpers are used by the
@@ -12,35 +12,17 @@ buffer index and the sharing side only when it is called.
 
 from __future__ import annotations
 
-import json
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.fsutil import write_atomically
+from agent.fsutil import read_status
 
 if TYPE_CHECKING:
     from agent.config import AgentConfig
 
 # A status file older than this (or three status intervals, if longer) is stale.
 STALE_AFTER_S = 15.0
-SERVICE_STATUS_FILE = "service-status.json"
-SERVICE_STATUS_INTERVAL_S = 5.0
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Replace ``path`` in one step so a reader never sees half a file. Not fsynced: it is live state."""
-    write_atomically(path, json.dumps(data, sort_keys=True).encode("utf-8"), 0o644, durable=False)
-
-
-def read_status(path: Path) -> dict[str, Any] | None:
-    """The last status written to ``path``, or None if there is none (or it cannot be read)."""
-    try:
-        data = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError, PermissionError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def gather_status(cfg: AgentConfig, now: int | None = None) -> dict[str, Any]:
@@ -120,10 +102,10 @@ def sharing_status(cfg: AgentConfig, now: datetime | None = None) -> dict[str, A
         out["pending_approvals"] = 0
     if cfg.mqtt is not None:
         out["broker"] = {"host": cfg.mqtt.host, "port": cfg.mqtt.port, "tls": cfg.mqtt.tls}
-    svc = read_status(cfg.paths.data_dir / SERVICE_STATUS_FILE)
+    svc = read_status(cfg.paths.service_status_file)
     if svc is not None:
         age = (to_us(now) - int(svc.get("updated_us", 0))) / 1e6
-        svc["stale"] = age > 3 * SERVICE_STATUS_INTERVAL_S
+        svc["stale"] = age > 3 * float(svc.get("status_interval_s") or 5.0)
         svc["age_s"] = round(age, 1)
     out["service"] = svc
     return out

@@ -44,7 +44,7 @@ from agent.protocol.decision import BEFORE_REPLAY_REASONS, Decision, Policy, Rea
 from agent.protocol.geohash import subscription_filter
 from agent.protocol.sealing import SealedDelivery, new_delivery_id, resume_delivery, seal_delivery
 from agent.protocol.trust import TrustStore, TrustStoreError
-from agent.runtime.status import SERVICE_STATUS_FILE, SERVICE_STATUS_INTERVAL_S, write_json_atomic
+from agent.fsutil import write_json_atomic
 from agent.sharing.outbox import DeliveryJob, Outbox
 from agent.sharing.transport import MqttTransport, default_client_id
 from agent.state.accesslog import AccessLog
@@ -62,6 +62,7 @@ _BEFORE_REPLAY = frozenset(str(r) for r in BEFORE_REPLAY_REASONS)  # as the acce
 
 UTC = timezone.utc
 HOUSEKEEPING_S = 1.0
+STATUS_INTERVAL_S = 5.0
 MQTT_SESSION_FILE = "mqtt-session.json"
 """Which filters the broker's session for our client id holds (see ``MqttTransport(session_file=...)``)."""
 DELIVERY_WINDOW = 4
@@ -365,7 +366,7 @@ class RequestService:
                 next_chores = time.monotonic() + HOUSEKEEPING_S
                 self.chores()
             if time.monotonic() >= next_status:
-                next_status = time.monotonic() + SERVICE_STATUS_INTERVAL_S
+                next_status = time.monotonic() + STATUS_INTERVAL_S
                 self.write_status()
 
     def chores(self) -> None:
@@ -586,9 +587,9 @@ class RequestService:
 
     def write_status(self) -> None:
         try:
-            write_json_atomic(self.cfg.paths.data_dir / SERVICE_STATUS_FILE,
+            write_json_atomic(self.cfg.paths.service_status_file,
                               {**self.status(), "pid": os.getpid(), "updated_us": to_us(datetime.now(UTC)),
-                               "status_interval_s": SERVICE_STATUS_INTERVAL_S})
+                               "status_interval_s": STATUS_INTERVAL_S})
         except OSError as exc:
             log.warning("cannot write the service status file: %s", exc)
 
