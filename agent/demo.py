@@ -22,14 +22,13 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TextIO
 
-from agent.state.truststore import save_trust_store
 from agent.errors import UserError
+from agent.state.truststore import save_trust_store
 
-UTC = timezone.utc
 ROOT = "civic/demo-town"
 PROGRAM = "demo-town/camera-pilot"
 HOME = (32.29876, -90.18481)
@@ -133,17 +132,17 @@ def run_demo(workdir: Path | None, *, seconds: float = 12.0, out: TextIO = sys.s
     """Run the demo; raise UserError on anything a person can fix."""
     import av
 
-    from agent.state.accesslog import AccessLog
     from agent.buffer.capture.synthetic import read_qr_time
     from agent.city import build_request, keygen, load_signing_key, open_delivery
     from agent.city.mqtt import BrokerSettings, MqttSession
     from agent.city.receive import DeliveryCollector
     from agent.city.requests import request_topics
-    from agent.runtime.supervisor import start_recording
     from agent.config import load_config
-    from agent.sharing.service import start_service
-    from agent.timeutil import format_local, parse_utc_z
     from agent.protocol.trust import TrustStore
+    from agent.runtime.supervisor import start_recording
+    from agent.sharing.service import start_service
+    from agent.state.accesslog import AccessLog
+    from agent.timeutil import format_local, parse_utc_z
 
     if seconds < 6:
         raise UserError("--seconds must be at least 6: the demo asks for footage from the middle of the recording")
@@ -203,13 +202,15 @@ def run_demo(workdir: Path | None, *, seconds: float = 12.0, out: TextIO = sys.s
         session.close()
         if done is None:
             raise UserError("no delivery arrived within 60 s; see the agent's log lines above")
-        opened = open_delivery(done.manifest, done.chunks, built.recipient_private, built.jti)
+        manifest = done.manifest
+        assert manifest is not None  # the loop above only keeps a delivery that has its manifest
+        opened = open_delivery(manifest, done.chunks, built.recipient_private, built.jti)
         out_dir = work / "delivered"
         out_dir.mkdir(exist_ok=True)
         clip_path = out_dir / f"{opened.delivery_id}.mp4"
         clip_path.write_bytes(opened.clip)
         manifest_path = out_dir / f"{opened.delivery_id}.manifest.jws"
-        manifest_path.write_text(done.manifest)
+        manifest_path.write_text(manifest)
         granted = opened.granted
         say(f"5. The city received delivery {opened.delivery_id}: {len(done.chunks)} encrypted chunk(s), "
             f"manifest signed by device {opened.device_kid[:12]}..., {len(opened.clip)} bytes, sha256 checked.")

@@ -10,11 +10,10 @@ Inside the agent every ``datetime`` is timezone-aware UTC.
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta, timezone, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
 
 from agent.errors import UserError
 
-UTC = timezone.utc
 _RFC3339_Z = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?Z", re.ASCII)
 
 
@@ -100,11 +99,13 @@ def parse_user_time(text: str, *, field: str, tz: tzinfo | None = None, now: dat
             today = (now or datetime.now(tz)).astimezone(tz).date()
             dt = datetime.combine(today, t)
             break
-        if dt is None:
-            raise UserError(
-                f"{field} {text!r} is not a time; write it as local time '2026-12-03 10:30', "
-                f"as '10:30' for today, or as RFC 3339 '2026-12-03T16:30:00Z'"
-            ) from None
+    # Checked after the try statement: mypy does not carry the narrowing out of an except block
+    # that holds a loop with break.
+    if dt is None:
+        raise UserError(
+            f"{field} {text!r} is not a time; write it as local time '2026-12-03 10:30', "
+            f"as '10:30' for today, or as RFC 3339 '2026-12-03T16:30:00Z'"
+        ) from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=tz)
     return dt.astimezone(UTC)

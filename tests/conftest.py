@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.broker import broker, broker_session  # noqa: F401  (the real-Mosquitto fixtures, for every test module)
-
 from agent.protocol.conformance import BUNDLED_DELIVERY, BUNDLED_VECTORS
+from tests.broker import broker, broker_session  # noqa: F401  (the real-Mosquitto fixtures, for every test module)
 
 # Every test uses the repository's own copies; tests/test_upstream.py compares them with ../shared.
 VECTORS = BUNDLED_VECTORS

@@ -8,9 +8,10 @@ import json
 import sqlite3
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from cryptography.exceptions import InvalidSignature
@@ -19,7 +20,7 @@ from agent.state.accesslog import AccessLog, AccessLogError
 from agent.state.clock import FixedClock
 from agent.state.devicekey import DeviceKey
 
-UTC = timezone.utc
+UTC = UTC
 NOW = datetime(2026, 12, 3, 18, 0, 0, tzinfo=UTC)
 
 

@@ -6,13 +6,13 @@ import json
 import subprocess
 import sys
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from agent.state.approvals import DECLINED, EXPIRED, GRANTED, ApprovalQueue, PendingApproval
 from agent.config import load_config
+from agent.state.approvals import DECLINED, EXPIRED, GRANTED, ApprovalQueue, PendingApproval
 
 POLICY = """
 [policy]
@@ -40,9 +40,9 @@ def setup(write_config) -> tuple[Path, ApprovalQueue]:
 
 
 def hold(q: ApprovalQueue, n: int, *, expires_in: float = 600, case: str = "2026-001234") -> PendingApproval:
-    now = datetime.now(timezone.utc).replace(microsecond=0)
+    now = datetime.now(UTC).replace(microsecond=0)
     # 2026-11-26 20:00 UTC is 14:00 in Chicago (CST).
-    start = datetime(2026, 11, 26, 20, 0, tzinfo=timezone.utc)
+    start = datetime(2026, 11, 26, 20, 0, tzinfo=UTC)
     return q.hold(
         raw=b"eyJhbGciOiJFZDI1NTE5In0.payload.sig-%d" % n,
         jti=f"request-jti-{n:06d}-abcdef",
@@ -91,7 +91,7 @@ def test_approve_is_taken_exactly_once(setup) -> None:
     def take() -> None:
         barrier.wait(timeout=10)
         mine = ApprovalQueue(q.path)
-        claimed.append([i for i in mine.approved() if mine.mark_granted(i.id, datetime.now(timezone.utc))])
+        claimed.append([i for i in mine.approved() if mine.mark_granted(i.id, datetime.now(UTC))])
 
     threads = [threading.Thread(target=take) for _ in range(4)]
     for t in threads:
@@ -117,7 +117,7 @@ def test_decline_is_reported_once_and_nothing_is_delivered(setup) -> None:
     assert out.returncode == 0, out.stderr
     assert "Declined request" in out.stdout and "Nothing was shared" in out.stdout
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     assert q.approved() == []
     refused = q.take_refusals(now)
     assert [(i.id, i.state) for i in refused] == [(item.id, DECLINED)]
@@ -139,7 +139,7 @@ def test_expired_request_cannot_be_approved(setup) -> None:
     assert f"request {stale.id} expired at" in out.stderr and "nothing was shared" in out.stderr
     assert "Traceback" not in out.stderr
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     assert q.approved() == []
     assert [(i.id, i.state) for i in q.take_refusals(now)] == [(stale.id, EXPIRED)]
 
@@ -147,8 +147,8 @@ def test_expired_request_cannot_be_approved(setup) -> None:
 def test_unanswered_request_expires_for_the_service(setup) -> None:
     _, q = setup
     item = hold(q, 5, expires_in=60)
-    assert q.take_refusals(datetime.now(timezone.utc)) == []
-    later = datetime.now(timezone.utc) + timedelta(seconds=61)
+    assert q.take_refusals(datetime.now(UTC)) == []
+    later = datetime.now(UTC) + timedelta(seconds=61)
     assert [(i.id, i.state) for i in q.take_refusals(later)] == [(item.id, EXPIRED)]
     assert q.take_refusals(later) == []
 

@@ -17,11 +17,11 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from joserfc import jws as jose_jws
 from joserfc.jwk import OKPKey
 
-from agent.protocol import geohash
 from agent.city import build_request, cover_cells, keygen, load_signing_key
 from agent.city.cli import main
 from agent.city.requests import distance_to_cell_m
 from agent.errors import UserError
+from agent.protocol import geohash
 from agent.protocol.geo import EARTH_RADIUS_M, haversine_m
 from agent.timeutil import UTC
 from tests.conftest import VECTORS

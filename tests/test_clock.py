@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
+from agent.config import load_config
 from agent.state.clock import (
     STA_UNSYNC,
     TIME_ERROR,
@@ -18,9 +19,8 @@ from agent.state.clock import (
     read_timex,
     timesyncd_sync_state,
 )
-from agent.config import load_config
 
-UTC = timezone.utc
+UTC = UTC
 NOW = datetime(2026, 12, 3, 18, 0, tzinfo=UTC)
 
 

@@ -18,15 +18,15 @@ import pytest
 
 from agent.buffer.segmentfile import SegmentFileInfo
 from agent.buffer.segments import MAX_SEGMENT_US, SegmentStore
+from agent.protocol.conformance import STATE_MEMBERS, describe
+from agent.protocol.decision import Policy, decide
+from agent.protocol.trust import TrustStore
+from agent.sharing.service import LiveState
 from agent.state.accesslog import AccessLog
 from agent.state.clock import FixedClock
-from agent.protocol.conformance import STATE_MEMBERS, describe
 from agent.state.killswitch import KillSwitch
-from agent.protocol.decision import Policy, decide
 from agent.state.replay import ReplayMemory
-from agent.sharing.service import LiveState
 from agent.timeutil import parse_utc_z, to_us
-from agent.protocol.trust import TrustStore
 from tests import protocol_signing as ps
 
 FRAME_US = 66_667  # 15 fps

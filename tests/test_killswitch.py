@@ -7,15 +7,15 @@ import os
 import subprocess
 import sys
 import threading
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 from agent.state.killswitch import KillSwitch, KillSwitchState, write_atomically
 
-UTC = timezone.utc
+UTC = UTC
 NOW = datetime(2026, 12, 3, 18, 0, 0, tzinfo=UTC)
 
 

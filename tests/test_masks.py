@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from agent.buffer.capture.synthetic import SyntheticSource
-from agent.errors import UserError
 from agent.buffer.masks import PrivacyMask
 from agent.buffer.segmentfile import EncoderSettings, SegmentFile
+from agent.errors import UserError
 
 W, H = 320, 240
 # A neighbour's window (a box) and a slice of street (a triangle), away from the QR code in the corner.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ from agent.protocol.decision import Decision, Policy, Reason, decide
 from agent.protocol.trust import TrustStore
 from tests import protocol_signing as ps
 
-UTC = timezone.utc
+UTC = UTC
 NOW = datetime(2026, 12, 3, 18, 0, tzinfo=UTC)
 BASE = ps.case("base-compact")["message"].encode()
 

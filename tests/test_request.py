@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -12,7 +12,7 @@ from agent.protocol.request import FootageRequest, RequestError
 from agent.timeutil import parse_utc_z
 from tests import protocol_signing as ps
 
-UTC = timezone.utc
+UTC = UTC
 
 
 def with_change(path: str, value: Any) -> dict[str, Any]:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import random
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
 
 from agent.protocol.schedule import Rule, constant_offset_parts, longest_piece, scheduled_pieces
 
-UTC = timezone.utc
+UTC = UTC
 CHICAGO = ZoneInfo("America/Chicago")
 ALL_DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 

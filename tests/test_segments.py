@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import sqlite3
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import av
 import pytest
 
 from agent.buffer.capture.synthetic import SyntheticSource
-from agent.config import BufferConfig
 from agent.buffer.segmentfile import (
     FRAGMENTED,
     EncoderSettings,
@@ -18,6 +17,7 @@ from agent.buffer.segmentfile import (
     open_encoder_stream,
 )
 from agent.buffer.segments import SegmentStore
+from agent.config import BufferConfig
 from agent.timeutil import to_us
 from tests.buffer_helpers import (
     FPS,
@@ -50,7 +50,7 @@ def disk_segments(store: SegmentStore) -> set[Path]:
 
 
 def test_new_segment_path_is_hourly_and_named_by_start(store: SegmentStore) -> None:
-    start = to_us(datetime(2026, 12, 3, 16, 30, 45, 123456, tzinfo=timezone.utc))
+    start = to_us(datetime(2026, 12, 3, 16, 30, 45, 123456, tzinfo=UTC))
     assert store.new_segment_path(start) == store.segments_dir / "20261203T16" / f"{start}.mp4"
 
 

@@ -33,9 +33,9 @@ from agent.buffer.capture.stream import (
 )
 from agent.buffer.capture.synthetic import SyntheticSource
 from agent.buffer.capture.v4l2 import V4L2Source
+from agent.buffer.segmentfile import SegmentFile
 from agent.config import CameraConfig
 from agent.errors import UserError
-from agent.buffer.segmentfile import SegmentFile
 from agent.timeutil import parse_utc_z, to_us
 
 W, H = 320, 240
@@ -554,9 +554,9 @@ def test_factory_says_how_to_install_picamera2() -> None:
 
 def test_a_25_fps_file_is_stored_with_its_real_frame_duration(tmp_path: Path) -> None:
     """A 1/12800 time base (FFmpeg's choice for 25 fps MP4): the last frame lasts 40 ms, not 512 µs."""
-    from agent.config import BufferConfig
     from agent.buffer.recorder import Recorder
     from agent.buffer.segments import SegmentStore
+    from agent.config import BufferConfig
 
     path = tmp_path / "door25.mp4"
     with av.open(str(path), "w", format="mp4") as out:

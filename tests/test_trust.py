@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from agent.protocol.trust import TrustedKey, TrustStore, TrustStoreError
 from agent.state.truststore import load_trust_store, save_trust_store
 from tests import protocol_signing as ps
 
-UTC = timezone.utc
+UTC = UTC
 
 
 def jwks() -> dict[str, Any]:

@@ -46,12 +46,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Literal, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Literal, Protocol, TypedDict, cast
 
 import av
 
-from agent.fsutil import fsync_dir
 from agent.buffer.segmentfile import TIME_BASE, EncoderSettings, open_encoder_stream
+from agent.fsutil import fsync_dir
 from agent.timeutil import format_utc, from_us
 
 if TYPE_CHECKING:
@@ -112,7 +112,9 @@ def parse_avcc(extradata: bytes) -> tuple[int, list[bytes], list[bytes]]:
     if len(extradata) < 7 or extradata[0] != 1:
         raise ValueError("not an avcC record")
     length_size = (extradata[4] & 3) + 1
-    pos, sps, pps = 6, [], []
+    pos = 6
+    sps: list[bytes] = []
+    pps: list[bytes] = []
     for count, out in ((extradata[5] & 0x1F, sps), (None, pps)):
         if count is None:
             count = extradata[pos]
@@ -177,10 +179,16 @@ def _open(seg: SegmentLike) -> tuple[av.container.InputContainer, VideoStream]:
     return container, container.streams.video[0]
 
 
+def _time_base(stream: VideoStream) -> Fraction:
+    tb = stream.time_base
+    assert tb is not None  # set for every demuxed stream; only a stream being set up for writing lacks one
+    return tb
+
+
 def _capture_us(seg: SegmentLike, stream: VideoStream, pts: int) -> int:
     if stream.time_base == TIME_BASE:
         return seg.start_us + pts
-    return seg.start_us + round(pts * stream.time_base / TIME_BASE)
+    return seg.start_us + round(pts * _time_base(stream) / TIME_BASE)
 
 
 def _groups(seg: SegmentLike, container: av.container.InputContainer, stream: VideoStream,
@@ -210,7 +218,7 @@ def _frame_times(seg: SegmentLike) -> list[tuple[int, int]]:
         out = []
         for pkt in container.demux(stream):
             if pkt.size and pkt.pts is not None:
-                dur = round((pkt.duration or 0) * stream.time_base / TIME_BASE)
+                dur = round((pkt.duration or 0) * _time_base(stream) / TIME_BASE)
                 out.append((_capture_us(seg, stream, pkt.pts), dur))
         return out
     finally:
@@ -278,6 +286,7 @@ class _Writer:
         pkt.time_base = TIME_BASE
         pkt.pts = pkt.dts = rel
         if self._held is not None:
+            assert self._held.pts is not None  # put() set it
             self._held.duration = rel - self._held.pts
             self.container.mux(self._held)
         self._held = pkt
@@ -329,7 +338,8 @@ class _Reencoder:
 
 def _decode_group(seg: SegmentLike, extradata: bytes | None, group: _Group, codec: str) -> list[tuple[int, av.VideoFrame]]:
     """Decode a whole keyframe group; frames keyed by capture time."""
-    dec = av.CodecContext.create(codec, "r")
+    # ``codec`` is a video stream's codec, so PyAV makes a VideoCodecContext (the stubs say so only for literal names).
+    dec = cast(av.VideoCodecContext, av.CodecContext.create(codec, "r"))
     if extradata:
         dec.extradata = extradata
     by_pts = {pkt.pts: cap for cap, pkt in group.packets}
@@ -468,8 +478,23 @@ def _param_set_prefix(ps: tuple[list[bytes], list[bytes]], length_size: int) -> 
     return b"".join(len(n).to_bytes(length_size, "big") + n for n in ps[0] + ps[1])
 
 
+class _Written(TypedDict):
+    """What :func:`_write` learnt; with the file's size and hash, a :class:`ClipInfo`."""
+
+    frames: int
+    first_us: int
+    last_us: int
+    width: int
+    height: int
+    granted_start_us: int
+    granted_end_us: int
+    copied_frames: int
+    reencoded_frames: int
+    mode: Mode
+
+
 def _write(segs: Sequence[SegmentLike], start_us: int, end_us: int, path: Path, mode: Mode,
-           settings: EncoderSettings, first: _Source, progress: Progress | None) -> dict[str, object]:
+           settings: EncoderSettings, first: _Source, progress: Progress | None) -> _Written:
     container = av.open(str(path), "w", format="mp4")
     writer: _Writer | None = None
     reenc: _Reencoder | None = None
@@ -524,7 +549,7 @@ def _write(segs: Sequence[SegmentLike], start_us: int, end_us: int, path: Path, 
                                 writer.active_ps = enc_ps
                             reencoded += _reencode_run(reenc, writer, frames, first.length_size, prefix)
                     last_pkt = group.packets[max(i for i, ok in enumerate(inside) if ok)][1]
-                    last_dur = round((last_pkt.duration or 0) * stream.time_base / TIME_BASE)
+                    last_dur = round((last_pkt.duration or 0) * _time_base(stream) / TIME_BASE)
                     if progress is not None:
                         progress(min(1.0, (group.last_us - max(start_us, segs[0].start_us)) / span))
             finally:
@@ -546,9 +571,9 @@ def _write(segs: Sequence[SegmentLike], start_us: int, end_us: int, path: Path, 
             reenc.close()
     if progress is not None:
         progress(1.0)
-    return dict(frames=frames_total, first_us=first_us, last_us=last_us, width=width, height=height,
-                granted_start_us=first_us, granted_end_us=min(end_us, last_us + (last_dur or settings.frame_us)),
-                copied_frames=copied, reencoded_frames=reencoded, mode=mode)
+    return _Written(frames=frames_total, first_us=first_us, last_us=last_us, width=width, height=height,
+                    granted_start_us=first_us, granted_end_us=min(end_us, last_us + (last_dur or settings.frame_us)),
+                    copied_frames=copied, reencoded_frames=reencoded, mode=mode)
 
 
 def _with_prefix(pkt: av.Packet, prefix: bytes) -> av.Packet:

@@ -41,7 +41,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import av
 
@@ -414,7 +414,7 @@ class _SegmentWriter:
         self._seg_frames = 0
         self.gap_reason = "recorder was not running"
         self.disconnected_at: int | None = None
-        self.decoder: av.CodecContext | None = None
+        self.decoder: av.VideoCodecContext | None = None
         self.codec = pick_codec(rec.camera.encoder)
         self._settings: EncoderSettings | None = None
 
@@ -557,7 +557,8 @@ class _SegmentWriter:
         if self.decoder is None:
             template = self.rec.source.stream_template
             name = template.codec_context.name if template is not None else "h264"
-            self.decoder = av.CodecContext.create(name, "r")
+            # A video stream's codec, so PyAV makes a VideoCodecContext (the stubs say so only for literal names).
+            self.decoder = cast(av.VideoCodecContext, av.CodecContext.create(name, "r"))
             if template is not None and template.codec_context.extradata:
                 self.decoder.extradata = template.codec_context.extradata
         pkt = item.packet

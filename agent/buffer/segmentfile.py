@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import av
 
@@ -34,7 +34,9 @@ from agent.buffer.capture import EncodedPacket, Frame
 from agent.fsutil import fsync_dir
 
 if TYPE_CHECKING:
+    import numpy as np
     from av.video.stream import VideoStream
+    from numpy.typing import NDArray
 
 TIME_BASE = Fraction(1, 1_000_000)
 PART_SUFFIX = ".part"
@@ -140,7 +142,8 @@ class SegmentFile:
 
         if self.start_us is None:
             self.start_us = frame.capture_us
-        yuv = cv2.cvtColor(frame.image, cv2.COLOR_BGR2YUV_I420)
+        # OpenCV's stubs type any result as "some numeric array"; a uint8 BGR frame converts to uint8 I420.
+        yuv = cast("NDArray[np.uint8]", cv2.cvtColor(frame.image, cv2.COLOR_BGR2YUV_I420))
         vf = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
         vf.pts = frame.capture_us - self.start_us
         vf.time_base = TIME_BASE

@@ -30,15 +30,16 @@ import shutil
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 import av
 
 from agent.buffer.capture import EncodedPacket
+from agent.buffer.segmentfile import PART_SUFFIX, TIME_BASE, SegmentFile, SegmentFileInfo
 from agent.config import AgentConfig, BufferConfig
 from agent.state.db import connect
-from agent.buffer.segmentfile import PART_SUFFIX, TIME_BASE, SegmentFile, SegmentFileInfo
 
 log = logging.getLogger(__name__)
 
@@ -183,13 +184,13 @@ class SegmentStore:
 
     def new_segment_path(self, start_us: int) -> Path:
         """``segments/<UTC hour>/<start_us>.mp4``: small directories, names that sort by time."""
-        hour = datetime.fromtimestamp(start_us // 1_000_000, tz=timezone.utc).strftime("%Y%m%dT%H")
+        hour = datetime.fromtimestamp(start_us // 1_000_000, tz=UTC).strftime("%Y%m%dT%H")
         return self.segments_dir / hour / f"{start_us}.mp4"
 
     def _relative(self, path: Path) -> str:
         return Path(path).resolve().relative_to(self.segments_dir.resolve()).as_posix()
 
-    def _record(self, row: tuple) -> SegmentRecord:  # type: ignore[type-arg]
+    def _record(self, row: tuple) -> SegmentRecord:
         id_, start, end, frames, size, sha, rel = row
         return SegmentRecord(id_, self.segments_dir / rel, start, end, frames, size, sha)
 
@@ -463,10 +464,12 @@ def _remux(source: Path, final: Path, start_us: int) -> SegmentFileInfo | None:
         if not inp.streams.video:
             return None
         stream = inp.streams.video[0]
-        decoder = av.CodecContext.create(stream.codec_context.name, "r")
+        # A video stream's codec, so PyAV makes a VideoCodecContext (the stubs say so only for literal names).
+        decoder = cast(av.VideoCodecContext, av.CodecContext.create(stream.codec_context.name, "r"))
         if stream.codec_context.extradata:
             decoder.extradata = stream.codec_context.extradata
         tb = stream.time_base
+        assert tb is not None  # set for every demuxed stream; only a stream being set up for writing lacks one
         seg: SegmentFile | None = None
         durations: list[int] = []
         try:
@@ -508,6 +511,7 @@ def _verify(path: Path, start_us: int) -> SegmentFileInfo | None:
                 return None
             stream = inp.streams.video[0]
             tb = stream.time_base
+            assert tb is not None  # set for every demuxed stream; only a stream being set up for writing lacks one
             frames = keyframes = 0
             last_rel = -1
             first = True
@@ -523,6 +527,7 @@ def _verify(path: Path, start_us: int) -> SegmentFileInfo | None:
                     pass
                 frames += 1
                 keyframes += int(pkt.is_keyframe)
+                assert pkt.pts is not None  # every MP4 sample has a time
                 last_rel = max(last_rel, int(pkt.pts * tb * 1_000_000))
             if frames == 0:
                 return None

@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ EXIT_SOME_REJECTED = 4
 # --- argument types: each names the flag and the fix ------------------------------------------
 
 
-def _rfc3339(flag: str):
+def _rfc3339(flag: str) -> Callable[[str], datetime]:
     def parse(text: str) -> datetime:
         try:
             dt = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
@@ -54,7 +54,7 @@ def _rfc3339(flag: str):
     return parse
 
 
-def _float(flag: str):
+def _float(flag: str) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
             return float(text)
@@ -64,7 +64,7 @@ def _float(flag: str):
     return parse
 
 
-def _positive_int(flag: str, lo: int = 1, hi: int | None = None):
+def _positive_int(flag: str, lo: int = 1, hi: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)

@@ -23,6 +23,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from agent.errors import UserError
+from agent.protocol.jose import JwsError, b64url_decode, ed25519_from_jwk, jwk_thumbprint, parse_compact
 from agent.protocol.sealing import (
     CHUNK_BYTES,
     CONTENT_KEY_BYTES,
@@ -34,8 +36,6 @@ from agent.protocol.sealing import (
     chunk_nonce,
     hpke_info,
 )
-from agent.protocol.jose import JwsError, b64url_decode, ed25519_from_jwk, jwk_thumbprint, parse_compact
-from agent.errors import UserError
 from agent.timeutil import parse_utc_z
 
 _B64URL_ID = re.compile(r"^[A-Za-z0-9_-]{22}$")  # 16 bytes in unpadded base64url

@@ -16,11 +16,11 @@ from typing import Any, NamedTuple
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from agent.protocol import geohash
 from agent.city.keys import ISS_PATTERN, SigningKey
-from agent.protocol.jose import b64url_decode, b64url_encode, sign_compact, sign_general, strict_json
 from agent.errors import UserError
+from agent.protocol import geohash
 from agent.protocol.geo import EARTH_RADIUS_M, haversine_m
+from agent.protocol.jose import b64url_decode, b64url_encode, sign_compact, sign_general, strict_json
 from agent.timeutil import UTC, format_utc
 
 REQUEST_TYP = "footage-request+jwt"

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import argparse
 import unicodedata
-from datetime import datetime, timezone, tzinfo
+from datetime import UTC, datetime, tzinfo
 
-from agent.state.approvals import ApprovalQueue, PendingApproval, parse_id
 from agent.cli.common import add_json_flag, config_from, print_json
+from agent.state.approvals import ApprovalQueue, PendingApproval, parse_id
 from agent.timeutil import format_local, format_utc, local_zone
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pending", help="list footage requests waiting for your approval")
     add_json_flag(p)
     p.set_defaults(func=_pending)
@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _clean(text: str) -> str:

@@ -20,7 +20,7 @@ from agent.timeutil import (
 )
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     ks = sub.add_parser("killswitch", help="stop all sharing at once, or allow it again")
     ks.add_argument("action", choices=("on", "off", "status"), help="on = share nothing; off = follow your rules; status = show")
     add_json_flag(ks)

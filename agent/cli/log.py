@@ -19,7 +19,7 @@ from agent.timeutil import (
 )
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     log = sub.add_parser("log", help="see and check the access log of every request")
     lsub = log.add_subparsers(dest="log_command", metavar="ACTION", required=True)
     show = lsub.add_parser("show", help="list the requests and what happened to them")

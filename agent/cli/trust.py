@@ -22,7 +22,7 @@ from agent.timeutil import (
 )
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     trust = sub.add_parser("trust", help="manage the agencies' keys you trust")
     tsub = trust.add_subparsers(dest="trust_command", metavar="ACTION", required=True)
     add = tsub.add_parser("add", help="import an agency's public keys (a JWK Set file)")

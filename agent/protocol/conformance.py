@@ -22,8 +22,8 @@ from pydantic import ValidationError
 
 from agent.errors import UserError
 from agent.protocol.decision import Decision, Policy, decide
-from agent.timeutil import format_utc, parse_utc_z
 from agent.protocol.trust import TrustStore, TrustStoreError
+from agent.timeutil import format_utc, parse_utc_z
 
 # The project's copies of the protocol's worked cases, shipped inside the package so that an installed
 # agent can check itself (``doorbell-agent conformance`` with no argument).

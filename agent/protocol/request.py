@@ -17,11 +17,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 from agent.protocol.jose import MalformedError, b64url_decode
 from agent.timeutil import from_epoch, parse_utc_z_ns
 
+Basis = Literal["consent", "warrant"]
+_BASES: tuple[Basis, ...] = ("consent", "warrant")
 MAX_LIFETIME_S = 900
 MAX_WINDOW = timedelta(hours=12)
 MAX_RADIUS_M = 2000.0
@@ -79,7 +81,7 @@ class FootageRequest:
     exp: int
     case: str
     purpose: str
-    basis: Literal["consent", "warrant"]
+    basis: Basis
     warrant: Warrant | None
     area: Area
     window_start: datetime
@@ -116,7 +118,7 @@ class FootageRequest:
         case = _text(claims, "case", 64)
         purpose = _text(claims, "purpose", 280)
         basis = claims["basis"]
-        if basis not in ("consent", "warrant") or not isinstance(basis, str):
+        if not _is_basis(basis):
             raise RequestError("basis", f"{basis!r} is neither 'consent' nor 'warrant'")
         warrant = None
         if basis == "warrant":
@@ -176,6 +178,10 @@ def _object(claims: dict[str, Any], name: str, members: set[str]) -> dict[str, A
         raise RequestError(name, "not a JSON object")
     _members(obj, members, frozenset(), name)
     return obj
+
+
+def _is_basis(v: object) -> TypeGuard[Basis]:
+    return v in _BASES and isinstance(v, str)
 
 
 def _is_int(v: Any) -> bool:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 DAY_INDEX = {"mon": 0, "tue": 1, "wed": 2, "thu": 3, "fri": 4, "sat": 5, "sun": 6}
@@ -124,7 +124,7 @@ def scheduled_pieces(start: datetime, end: datetime, tz: ZoneInfo, rules: Sequen
             for ws, we in rule.wall_ranges(wall_lo, wall_hi):
                 s, e = max(ws, wall_lo), min(we, wall_hi)
                 if s < e:
-                    found.append(((s - off).replace(tzinfo=timezone.utc), (e - off).replace(tzinfo=timezone.utc)))
+                    found.append(((s - off).replace(tzinfo=UTC), (e - off).replace(tzinfo=UTC)))
     found.sort()
     merged: list[Interval] = []
     for s, e in found:

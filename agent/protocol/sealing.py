@@ -222,7 +222,7 @@ def _view(clip: bytes | bytearray | memoryview) -> memoryview:
 
 
 def seal_delivery(
-    clip: bytes,
+    clip: bytes | bytearray | memoryview,
     *,
     jti: str,
     recipient_jwk: dict[str, Any],
@@ -291,7 +291,7 @@ def seal_delivery(
     return SealedDelivery(jti=jti, delivery_id=delivery_id, manifest=manifest, clip=clip, content_key=content_key)
 
 
-def resume_delivery(clip: bytes, state: dict[str, str]) -> SealedDelivery:
+def resume_delivery(clip: bytes | bytearray | memoryview, state: dict[str, str]) -> SealedDelivery:
     """Rebuild a delivery from :meth:`SealedDelivery.resume_state` and the same clip bytes.
 
     The chunks it seals are byte-identical to the first attempt's, so the

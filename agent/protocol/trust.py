@@ -16,18 +16,23 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.errors import UserError
 from agent.protocol.jose import JwsError, b64url_decode, strict_json
 
-ROLES = ("requester", "oversight")
+Role = Literal["requester", "oversight"]
+ROLES: tuple[Role, ...] = ("requester", "oversight")
 _ISS = re.compile(r"[a-z0-9._-]{1,64}")
 _KID = re.compile(r"[\x21-\x7e]{1,256}")  # printable ASCII without space: safe to show and to log
 _MEMBERS = frozenset({"kty", "crv", "x", "kid", "iss", "role", "nbf", "exp", "revoked", "use", "alg"})
 _REQUIRED = ("kty", "crv", "x", "kid", "iss", "role")
+
+
+def _is_role(value: object) -> TypeGuard[Role]:
+    return value in ROLES and isinstance(value, str)
 
 
 class TrustStoreError(UserError):
@@ -38,7 +43,7 @@ class TrustStoreError(UserError):
 class TrustedKey:
     kid: str
     iss: str
-    role: Literal["requester", "oversight"]
+    role: Role
     x: str
     nbf: int | None = None
     exp: int | None = None
@@ -98,7 +103,7 @@ class TrustedKey:
         if not isinstance(iss, str) or not _ISS.fullmatch(iss):
             raise TrustStoreError(f"{where}: iss {iss!r} must be 1..64 of a-z 0-9 . _ -")
         role = jwk["role"]
-        if role not in ROLES or not isinstance(role, str):
+        if not _is_role(role):
             raise TrustStoreError(f"{where}: role {role!r} must be 'requester' or 'oversight'")
         x = jwk["x"]
         try:

@@ -33,7 +33,7 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +51,6 @@ from agent.state.logverify import (
     verify_connection,
 )
 from agent.timeutil import format_utc, from_us, parse_utc_z, to_us
-
-UTC = timezone.utc
 
 PRE_AUTH_REASONS = ("oversize", "malformed", "unknown_key", "bad_signature")
 DECISION_REASONS = (
@@ -248,6 +246,7 @@ class AccessLog:
         granted: Any = None,
         bytes_shared: int | None = None,
         delivery_id: str | None = None,
+        payload_sha256: str | None = None,
         basis: str | None = None,
         warrant: Mapping[str, str] | None = None,
         at: datetime | None = None,
@@ -256,6 +255,9 @@ class AccessLog:
 
         ``reason`` is the section-4 code (``granted`` and ``awaiting_resident``
         included). ``requested``/``granted`` are ``(start, end)`` or ``{start, end}``.
+        ``payload_sha256`` (the whole message's, as the replay memory keeps it) lets the log alone
+        tell a duplicate from a replay once the replay memory has forgotten the ``jti``; entries
+        written before it was recorded simply lack the member.
         """
         reason = str(getattr(reason, "value", reason))
         if reason in PRE_AUTH_REASONS:
@@ -287,6 +289,10 @@ class AccessLog:
             "delivery_id": _text(delivery_id, "delivery_id", 64) if delivery_id is not None else None,
             "kids": sorted({_text(k, "kid", 256) for k in kids}),
         }
+        if payload_sha256 is not None:
+            if not re.fullmatch(r"[0-9a-f]{64}", payload_sha256):
+                raise AccessLogError("payload_sha256 must be 64 lowercase hex digits")
+            body["payload_sha256"] = payload_sha256
         return self._append(body, at=at, outcome=reason)
 
     def append_request(self, request: Any, *, reason: str, kids: Iterable[str], at: datetime | None = None, **extra: Any) -> tuple[int, str]:
@@ -307,7 +313,8 @@ class AccessLog:
         if decision.request is None:
             raise AccessLogError(f"decision {decision.reason!r} has no authenticated request; count it with count_rejection()")
         return self.append_request(
-            decision.request, reason=decision.reason, kids=decision.kids, granted=decision.granted, at=at, **extra
+            decision.request, reason=decision.reason, kids=decision.kids, granted=decision.granted, at=at,
+            payload_sha256=getattr(decision, "payload_sha256", None), **extra
         )
 
     def append_event(self, jti: str, event: str, *, at: datetime | None = None, **details: Any) -> tuple[int, str]:
@@ -429,6 +436,12 @@ class AccessLog:
         return Checkpoint(seq=seq, hash=digest.hex(), at=when, kid=key.kid, jws=jws)
 
     # ------------------------------------------------------------------ reading
+
+    def last_at(self) -> datetime | None:
+        """The time of the newest entry, or None for an empty log: a time the agent has already acted on."""
+        with self._lock:
+            row = self._conn.execute("SELECT MAX(at_us) FROM access_log").fetchone()
+        return from_us(int(row[0])) if row and row[0] is not None else None
 
     def head(self) -> tuple[int, str]:
         with self._lock:

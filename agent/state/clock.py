@@ -28,11 +28,9 @@ import ctypes.util
 import os
 import threading
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol, runtime_checkable
-
-UTC = timezone.utc
 
 TIMESYNCD_FLAG = Path("/run/systemd/timesync/synchronized")
 TIME_ERROR = 5
@@ -104,7 +102,7 @@ def _adjtimex_fn() -> Callable[[ctypes.c_void_p], int] | None:
         if fn is not None:
             fn.argtypes = [ctypes.POINTER(_Timex)]
             fn.restype = ctypes.c_int
-            return fn  # type: ignore[no-any-return]
+            return fn
     return None
 
 

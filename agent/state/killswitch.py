@@ -21,14 +21,14 @@ import json
 import os
 import stat
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from agent.fsutil import write_atomically
 from agent.timeutil import format_utc, parse_utc_z
 
-UTC = timezone.utc
+UTC = UTC
 MAX_FILE_BYTES = 4096
 MAX_BY_CHARS = 200
 

@@ -136,8 +136,9 @@ def _entry_problem(row: tuple[Any, ...], expected: int, prev: bytes) -> tuple[Pr
         return Problem(seq, "changed", f"entry {seq} does not follow on from entry {seq - 1}: an entry before it was changed, removed or inserted."), digest
     if stored != digest.hex():
         return Problem(seq, "changed", f"entry {seq} was changed after it was written: its content no longer matches its hash."), digest
+    at = obj.get("at")
     try:
-        at_ok = to_us(parse_utc_z(obj.get("at"))) == at_us
+        at_ok = isinstance(at, str) and to_us(parse_utc_z(at)) == at_us
     except (ValueError, TypeError):
         at_ok = False
     outcome_in_entry = obj.get("reason") if obj.get("type") == "decision" else obj.get("event")

@@ -61,10 +61,14 @@ class SourceEnded(Exception):
 
 @runtime_checkable
 class Source(Protocol):
-    kind: Literal["raw", "encoded"]
     width: int
     height: int
     fps: float
+
+    @property
+    def kind(self) -> Literal["raw", "encoded"]:
+        """``raw`` frames or ``encoded`` packets. Read-only here, so a source that only ever gives
+        raw frames may declare ``kind: Literal["raw"]``."""
 
     def open(self) -> None:
         """Connect to the camera; raise :class:`SourceUnavailable` if it is not there."""

@@ -209,9 +209,9 @@ class EncodedFrameSink:
 
 def _output_class() -> type:
     """picamera2's encoders only accept subclasses of its Output, so the sink is mixed in lazily."""
-    from picamera2.outputs import Output  # type: ignore[import-not-found]
+    from picamera2.outputs import Output
 
-    class _SinkOutput(Output):  # type: ignore[misc, valid-type]
+    class _SinkOutput(Output):
         def __init__(self, sink: EncodedFrameSink) -> None:
             super().__init__()
             self.sink = sink
@@ -226,7 +226,7 @@ def _output_class() -> type:
 
 def picamera2_available() -> bool:
     try:
-        import picamera2  # type: ignore[import-not-found]  # noqa: F401
+        import picamera2  # noqa: F401
     except Exception:  # noqa: BLE001 - ImportError, or libcamera missing underneath it
         return False
     return True
@@ -315,7 +315,7 @@ class Picamera2Source:
     # UNTESTED HERE ----------------------------------------------------------------
 
     def _start_camera(self) -> None:
-        from picamera2 import Picamera2  # type: ignore[import-not-found]
+        from picamera2 import Picamera2
 
         try:
             cam = Picamera2()
@@ -327,7 +327,7 @@ class Picamera2Source:
         self._cam = cam
         controls = {"FrameRate": self.fps}
         if self.kind == "encoded":
-            from picamera2.encoders import H264Encoder  # type: ignore[import-not-found]
+            from picamera2.encoders import H264Encoder
 
             cam.configure(cam.create_video_configuration(
                 main={"size": (self.width, self.height), "format": "YUV420"}, controls=controls))

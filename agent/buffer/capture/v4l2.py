@@ -101,7 +101,7 @@ class V4L2Source:
             raise SourceUnavailable(explain_missing(self.device))
         width, height, fps = self.requested
         # FOURCC first: the sizes and rates on offer depend on the pixel format.
-        cap.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter_fourcc(*"MJPG"))
+        cap.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter.fourcc(*"MJPG"))
         cap.set(cv2.CAP_PROP_FRAME_WIDTH, width)
         cap.set(cv2.CAP_PROP_FRAME_HEIGHT, height)
         cap.set(cv2.CAP_PROP_FPS, fps)
