@@ -142,6 +142,8 @@ def run_demo(workdir: Path | None, *, seconds: float = 12.0, out: TextIO = sys.s
     from agent.runtime.supervisor import start_recording
     from agent.sharing.service import start_service
     from agent.state.accesslog import AccessLog
+    from agent.state.logverify import TailRules
+    from agent.state.pin import pin_path, read_pin
     from agent.timeutil import format_local, parse_utc_z
 
     if seconds < 6:
@@ -235,7 +237,7 @@ def run_demo(workdir: Path | None, *, seconds: float = 12.0, out: TextIO = sys.s
 
     with AccessLog(cfg.paths.state_db) as alog:
         entries = [f"   #{e.seq} {format_local(e.at)} {e.type}: {e.outcome} (agency {e.iss})" for e in alog.entries()]
-        report = alog.verify()
+        report = alog.verify(read_pin(pin_path(cfg.paths.data_dir)), tail=TailRules("stopped"))  # the pinned key
     say("7. The resident's access log (doorbell-agent log show):")
     for line in entries:
         say(line)

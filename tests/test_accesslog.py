@@ -16,9 +16,12 @@ from typing import Any
 import pytest
 from cryptography.exceptions import InvalidSignature
 
+from agent.protocol.jose import sign_compact
 from agent.state.accesslog import AccessLog, AccessLogError
 from agent.state.clock import FixedClock
 from agent.state.devicekey import DeviceKey
+from agent.state.logverify import TailRules
+from agent.state.pin import PinError, pin_path
 
 UTC = UTC
 NOW = datetime(2026, 12, 3, 18, 0, 0, tzinfo=UTC)
@@ -34,9 +37,10 @@ def decision(log: AccessLog, i: int, *, iss: str = "jackson-pd", reason: str = "
     )  # fmt: skip
 
 
-def fill(log: AccessLog, n: int) -> None:
+def fill(log: AccessLog, n: int, reason: str = "no_footage") -> None:
+    """``n`` decisions; refusals by default, since a grant is signed at once (a checkpoint of its own)."""
     for i in range(1, n + 1):
-        decision(log, i)
+        decision(log, i, reason=reason)
 
 
 @pytest.fixture
@@ -81,19 +85,24 @@ def test_an_auditor_can_recompute_the_chain_and_checkpoints(db: Path, key: Devic
             prev = hashlib.sha256(b"doorbell-agent/access-log/v1\x00" + prev + data).digest()
             assert stored == prev.hex()
         assert (s, prev.hex()) == (seq, head) == (10, head)
-        cps = c.execute("SELECT seq, hash, jws FROM access_log_checkpoints ORDER BY seq").fetchall()
+        cps = c.execute("SELECT seq, hash, jws FROM access_log_checkpoints ORDER BY id").fetchall()
     assert [cp[0] for cp in cps] == [4, 8]
+    prev_jws = None
     for cp_seq, cp_hash, jws in cps:
         h, p, sig = jws.split(".")
         header, payload = json.loads(b64d(h)), json.loads(b64d(p))
         assert header == {"alg": "Ed25519", "kid": key.kid, "typ": "access-log-checkpoint+jwt"}
+        assert payload["v"] == 2 and payload["reason"] == "count"
         assert payload["seq"] == cp_seq and payload["hash"] == cp_hash and payload["device"] == key.public_jwk()
+        # Each checkpoint names the one signed before it: SHA-256 of its JWS text, or null for the first.
+        assert payload["prev"] == (hashlib.sha256(prev_jws.encode()).hexdigest() if prev_jws else None)
         key.public.verify(b64d(sig), f"{h}.{p}".encode())
+        prev_jws = jws
 
 
 def test_append_records_what_the_resident_reads(db: Path) -> None:
     log = AccessLog(db)
-    seq, h = decision(log, 1)
+    seq, h = decision(log, 1, reason="granted")
     e = log.entries()[0]
     assert (e.seq, e.hash, e.iss, e.jti, e.outcome) == (seq, h, "jackson-pd", "req-0001-test-aaaaaaaa", "granted")
     d = e.data
@@ -170,13 +179,13 @@ def rechain(db: Path, start: int) -> None:
 
 def test_rewritten_chain_is_caught_by_the_signed_checkpoint(db: Path, key: DeviceKey) -> None:
     log = AccessLog(db, device_key=key, checkpoint_every=4)
-    fill(log, 9)  # checkpoints at 4 and 8
+    fill(log, 9, reason="granted")  # a checkpoint at every grant
     with raw(db) as c:
         c.execute("UPDATE access_log SET entry = replace(entry, '\"granted\"', '\"no_footage\"'), outcome = 'no_footage' WHERE seq = 6")
     rechain(db, 6)
     r = log.verify(key)
-    assert not r.ok and r.first_bad_seq == 5 and r.first_problem.kind == "checkpoint_mismatch"  # type: ignore[union-attr]
-    assert "entries 5 to 8 were rewritten" in r.first_problem.message  # type: ignore[union-attr]
+    assert not r.ok and r.first_bad_seq == 6 and r.first_problem.kind == "checkpoint_mismatch"  # type: ignore[union-attr]
+    assert "entries 6 to 6 were rewritten" in r.first_problem.message  # type: ignore[union-attr]
 
 
 def test_deleted_entry_is_detected(db: Path) -> None:
@@ -260,7 +269,7 @@ def test_reordered_entries_are_detected(db: Path) -> None:
 def test_edited_index_column_is_detected(db: Path) -> None:
     """Hiding a grant from the rate limit by editing the searchable column alone is caught too."""
     log = AccessLog(db)
-    fill(log, 4)
+    fill(log, 4, reason="granted")
     assert log.grants_since("jackson-pd", NOW - timedelta(days=1)) == 4
     with raw(db) as c:
         c.execute("UPDATE access_log SET outcome = 'no_footage' WHERE seq = 2")
@@ -291,7 +300,9 @@ def test_checkpoint_by_another_key_is_refused(db: Path, key: DeviceKey) -> None:
     log = AccessLog(db, device_key=other)
     fill(log, 3)
     log.checkpoint(NOW)
-    assert log.verify().ok  # consistent with the key it names...
+    r = log.verify()  # the key written inside a checkpoint proves nothing: without the device's, no verdict
+    assert not r.ok and r.first_problem.kind == "device_key"  # type: ignore[union-attr]
+    assert log.verify(other).ok  # consistent with the key that signed it...
     r = log.verify(key)  # ...but not this device's key
     assert not r.ok and "not this device's key" in r.first_problem.message  # type: ignore[union-attr]
 
@@ -319,18 +330,18 @@ def test_checkpoint_at_least_hourly_when_entries_were_added(db: Path, key: Devic
     clock = FixedClock(NOW)
     log = AccessLog(db, device_key=key, checkpoint_every=1000, clock=clock.now)
     assert log.checkpoint_if_due() is None  # nothing logged: nothing to sign
-    decision(log, 1, at=clock.now())
+    decision(log, 1, reason="no_footage", at=clock.now())
     clock.advance(59 * 60)
     assert log.checkpoint_if_due() is None
-    decision(log, 2, at=clock.now())
+    decision(log, 2, reason="no_footage", at=clock.now())
     clock.advance(61)  # the first unsigned entry is now an hour old
     cp = log.checkpoint_if_due()
-    assert cp is not None and cp.seq == 2
+    assert cp is not None and cp.seq == 2 and cp.reason == "schedule"
     clock.advance(2 * 3600)
-    assert log.checkpoint_if_due() is None  # nothing new since
-    decision(log, 3, at=clock.now())
+    assert log.checkpoint_if_due() is None  # nothing new since (and no heartbeat: this is not the running service)
+    decision(log, 3, reason="no_footage", at=clock.now())
     clock.advance(3601)
-    decision(log, 4, at=clock.now())  # the append itself notices the overdue checkpoint
+    decision(log, 4, reason="no_footage", at=clock.now())  # the append itself notices the overdue checkpoint
     assert [c.seq for c in log.checkpoints()] == [2, 4]
 
 
@@ -456,11 +467,13 @@ def test_cli_verify_intact_then_tampered(agent_dirs: tuple[Path, Path, DeviceKey
     r = run_cli(cfg, "log", "verify")
     assert r.returncode == 0 and "empty" in r.stdout
     log = AccessLog(db, device_key=key, checkpoint_every=3)
+    log.service_started(db.parent)  # as the service does: pin the key, sign a start-up checkpoint
     fill(log, 4)
+    log.service_stopping()
     log.close()
     r = run_cli(cfg, "log", "verify")
-    assert r.returncode == 0, r.stderr
-    assert "intact: 4 entries" in r.stdout and "covering entry 3" in r.stdout
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "intact: 4 entries" in r.stdout and "covering entry 4" in r.stdout and key.kid in r.stdout
     with raw(db) as c:
         c.execute("UPDATE access_log SET entry = replace(entry, 'Burglary', 'Nothing') WHERE seq = 2")
     r = run_cli(cfg, "log", "verify")
@@ -474,7 +487,7 @@ def test_cli_verify_intact_then_tampered(agent_dirs: tuple[Path, Path, DeviceKey
 def test_cli_show_lists_entries_in_plain_words(agent_dirs: tuple[Path, Path, DeviceKey]) -> None:
     cfg, db, key = agent_dirs
     log = AccessLog(db, device_key=key)
-    decision(log, 1, at=NOW - timedelta(hours=3))
+    decision(log, 1, reason="granted", at=NOW - timedelta(hours=3))
     decision(log, 2, reason="outside_geofence", at=NOW)
     log.append_event("req-0001-test-aaaaaaaa", "delivered", delivery_id="Ojm5DLRgg9SKVkBaY4QfDA", bytes=300800, at=NOW)
     log.count_rejection("bad_signature", at=NOW)
@@ -513,3 +526,158 @@ def test_an_event_names_the_decision_that_shared_not_a_refused_copy_or_a_replay(
         seq, _ = log.append_event("req-0007-test-aaaaaaaa", "delivered", delivery_id="Ojm5DLRgg9SKVkBaY4QfDA", bytes=1, at=NOW)
         event = log.entries(jti="req-0007-test-aaaaaaaa")[-1]
     assert event.seq == seq and event.data["ref_seq"] == granted != refused
+
+
+# --- chained checkpoints, runs of the agent, the resident's changes ----------------------------------
+
+
+def cp_claims(jws: str) -> dict[str, Any]:
+    return json.loads(b64d(jws.split(".")[1]))
+
+
+def test_deleting_a_checkpoint_from_the_middle_breaks_their_chain(db: Path, key: DeviceKey) -> None:
+    log = AccessLog(db, device_key=key, checkpoint_every=2)
+    fill(log, 8)  # checkpoints at 2, 4, 6, 8
+    assert log.verify(key).ok
+    with raw(db) as c:
+        c.execute("DELETE FROM access_log_checkpoints WHERE seq = 4")
+    r = log.verify(key)
+    assert not r.ok and r.first_problem.kind == "checkpoint_chain"  # type: ignore[union-attr]
+    assert "between the one for entry 2" in r.first_problem.message and "entry 6" in r.first_problem.message  # type: ignore[union-attr]
+    with raw(db) as c:
+        c.execute("DELETE FROM access_log_checkpoints WHERE seq = 2")
+    r = log.verify(key)
+    assert any("before the one for entry 6" in p.message and "deleted" in p.message for p in r.problems)
+
+
+def test_old_checkpoints_without_prev_still_verify(db: Path, key: DeviceKey) -> None:
+    """Version 1 checkpoints (older agents) have no prev and no reason; the first version 2 one names the last of them."""
+    log = AccessLog(db, device_key=key)
+    fill(log, 3)
+    seq, head = log.head()
+    when = NOW
+    v1 = sign_compact({"alg": "Ed25519", "kid": key.kid, "typ": "access-log-checkpoint+jwt"},
+                      {"v": 1, "log": "doorbell-agent/access-log/v1", "seq": seq, "hash": head,
+                       "iat": int(when.timestamp()), "at": "2026-12-03T18:00:00.000Z", "device": key.public_jwk()}, key)
+    with raw(db) as c:
+        c.execute("INSERT INTO access_log_checkpoints (seq, hash, at_us, kid, jws) VALUES (?, ?, ?, ?, ?)",
+                  (seq, head, int(when.timestamp()) * 1_000_000, key.kid, v1))
+    assert log.verify(key).ok
+    cp = log.checkpoint(NOW)
+    assert cp_claims(cp.jws)["prev"] == hashlib.sha256(v1.encode()).hexdigest()
+    assert log.verify(key).ok
+    # An old-format checkpoint after a new one was not written by any agent: it was inserted.
+    with raw(db) as c:
+        c.execute("INSERT INTO access_log_checkpoints (seq, hash, at_us, kid, jws) VALUES (?, ?, ?, ?, ?)",
+                  (seq, head, int(when.timestamp()) * 1_000_000, key.kid, v1))
+    r = log.verify(key)
+    assert not r.ok and any(p.kind == "checkpoint_chain" and "old format" in p.message for p in r.problems)
+
+
+def test_resident_changes_are_entries_no_agency_query_counts(db: Path, key: DeviceKey) -> None:
+    log = AccessLog(db, device_key=key)
+    decision(log, 1, reason="granted", at=NOW - timedelta(hours=2))
+    seq, _ = log.append_rule_change("killswitch_on", by="homeowner (test)", at=NOW)
+    log.append_rule_change("trust_revoked", by="homeowner (test)", details={"kids": ["jpd-2026a"], "issuer": "jackson-pd"}, at=NOW)
+    e = log.entries()[seq - 1]
+    assert (e.type, e.jti, e.iss, e.outcome) == ("resident", "", "", "killswitch_on")
+    assert e.data == {"v": 1, "seq": seq, "type": "resident", "at": "2026-12-03T18:00:00.000Z", "change": "killswitch_on",
+                      "by": "homeowner (test)"}
+    with raw(db) as c:
+        assert c.execute("SELECT jti, iss FROM access_log WHERE seq = ?", (seq,)).fetchone() == ("", "")
+    assert log.grants_since("jackson-pd", NOW - timedelta(days=1)) == 1
+    assert log.grants_since("", NOW - timedelta(days=1)) == 0
+    assert log.last_at() == NOW - timedelta(hours=2)  # the agent's clock check ignores the command line's stamps
+    assert [c.reason for c in log.checkpoints()] == ["grant", "rule", "rule"]  # each change signed at once
+    assert log.verify(key).ok
+    with pytest.raises(AccessLogError, match="unknown resident change"):
+        log.append_rule_change("killswitch_sideways", by="x")
+    with pytest.raises(AccessLogError, match="'issuer'"):
+        log.append_rule_change("trust_added", by="x", details={"iss": "jackson-pd"})
+    with raw(db) as c:  # a change dressed up as an agency's grant is caught by the column check
+        c.execute("UPDATE access_log SET iss = 'jackson-pd', outcome = 'approved' WHERE seq = ?", (seq,))
+    r = log.verify(key)
+    assert not r.ok and r.first_bad_seq == seq and "searchable columns" in r.first_problem.message  # type: ignore[union-attr]
+
+
+def test_service_start_pins_the_key_and_records_how_the_last_run_ended(tmp_path: Path, key: DeviceKey) -> None:
+    db = tmp_path / "state.sqlite"
+    clock = FixedClock(NOW)
+    log = AccessLog(db, device_key=key, clock=clock.now)
+    rules = {"program": "p", "location": {"lat": 1.0, "lon": 2.0}, "consent": {"start": "2026-01-01T00:00:00Z"}}
+    first = log.service_started(tmp_path, rules=rules)
+    assert pin_path(tmp_path).read_text() == key.kid + "\n" and pin_path(tmp_path).stat().st_mode & 0o777 == 0o644
+    assert cp_claims(first.jws)["reason"] == "start" and cp_claims(first.jws)["after"] == "first"
+    assert log.entries() == []  # the first rules of a fresh log are remembered, not entered
+    log.service_stopping()
+    clock.advance(60)
+    again = log.service_started(tmp_path, rules=rules)
+    assert cp_claims(again.jws)["after"] == "clean" and log.entries() == []  # same rules: nothing to record
+    clock.advance(60)
+    changed = {**rules, "consent": {"start": "2026-02-01T00:00:00Z"}, "location": {"lat": 1.5, "lon": 2.0}}
+    crashed = log.service_started(tmp_path, rules=changed)  # no shutdown in between: a crash
+    assert cp_claims(crashed.jws)["after"] == "unclean"
+    (e,) = log.entries()
+    assert e.outcome == "rules_changed" and e.data["changed"] == ["consent", "location"]
+    assert e.data["rules"] == {"program": "p", "consent": {"start": "2026-02-01T00:00:00Z"}}  # never the home's location
+    assert crashed.seq == 1  # the start-up checkpoint covers the change
+    r = log.verify(key, tail=TailRules("running", now=clock.now()))
+    assert r.ok and len(r.unclean_stops) == 1, r.problems
+    assert any("without a clean shutdown" in n for n in r.notes)
+    with pytest.raises(PinError, match="not the pinned one"):
+        AccessLog(db, device_key=DeviceKey.generate()).service_started(tmp_path)
+
+
+def test_the_running_service_signs_hourly_even_when_idle(tmp_path: Path, key: DeviceKey) -> None:
+    clock = FixedClock(NOW)
+    log = AccessLog(tmp_path / "state.sqlite", device_key=key, clock=clock.now)
+    log.service_started(tmp_path)
+    clock.advance(59 * 60)
+    assert log.checkpoint_if_due() is None
+    clock.advance(61)
+    cp = log.checkpoint_if_due()
+    assert cp is not None and cp.reason == "schedule" and cp.seq == 0
+    running = TailRules("running", now=clock.now())
+    assert log.verify(key, tail=running).ok
+    clock.advance(2 * 3600)  # the heartbeat stopped (or its checkpoints were deleted)
+    r = log.verify(key, tail=TailRules("running", now=clock.now()))
+    assert not r.ok and r.first_problem.kind == "stale"  # type: ignore[union-attr]
+
+
+def test_a_running_service_notices_its_log_cut_back_and_signs_that(tmp_path: Path, key: DeviceKey) -> None:
+    db = tmp_path / "state.sqlite"
+    clock = FixedClock(NOW)
+    log = AccessLog(db, device_key=key, clock=clock.now)
+    log.service_started(tmp_path)
+    for i in range(1, 6):
+        decision(log, i, reason="granted" if i in (2, 4) else "no_footage", at=clock.now())
+    with raw(db) as c:  # someone with write access to the database, while the agent runs
+        c.execute("DELETE FROM access_log WHERE seq >= 3")
+        c.execute("DELETE FROM access_log_checkpoints WHERE seq >= 3")
+    cp = log.checkpoint_if_due()
+    assert cp is not None and cp.reason == "cut_noticed"
+    assert cp_claims(cp.jws)["lost"]["seq"] == 5 and cp_claims(cp.jws)["lost"]["found"] == 2
+    r = log.verify(key, tail=TailRules("running", now=clock.now()))
+    assert not r.ok and any(p.kind == "cut_noticed" and "up to 5" in p.message for p in r.problems)
+
+
+def test_summary_counts_requests_outcomes_and_minutes(db: Path) -> None:
+    log = AccessLog(db)
+    decision(log, 1, reason="granted", at=NOW - timedelta(hours=5))  # 30 minutes granted
+    log.append_event("req-0001-test-aaaaaaaa", "delivered", delivery_id="d1", bytes=10, at=NOW - timedelta(hours=5))
+    decision(log, 2, reason="outside_geofence", at=NOW - timedelta(hours=4))
+    decision(log, 3, iss="hinds-so", reason="awaiting_resident", at=NOW - timedelta(hours=3))
+    log.append_event("req-0003-test-aaaaaaaa", "approved", granted=(NOW - timedelta(hours=2), NOW - timedelta(hours=2) + timedelta(minutes=12)),
+                     at=NOW - timedelta(hours=2))
+    log.append_event("req-0003-test-aaaaaaaa", "delivered", delivery_id="d3", bytes=10, at=NOW - timedelta(hours=2))
+    decision(log, 4, iss="hinds-so", reason="rate_limited", at=NOW - timedelta(hours=1))
+    log.append_rule_change("killswitch_on", by="me", at=NOW - timedelta(minutes=30))
+    decision(log, 5, reason="kill_switch", at=NOW - timedelta(days=40))  # outside the period
+    log.count_rejection("bad_signature", at=NOW - timedelta(hours=1), count=7)
+    s = log.summary(NOW - timedelta(days=30), NOW)
+    assert s["requests"] == 4 and s["agencies"] == {"jackson-pd": {"requests": 2, "granted": 1, "refused": 1},
+                                                    "hinds-so": {"requests": 2, "granted": 1, "refused": 1}}
+    assert (s["granted"], s["granted_by_rules"], s["approved_by_you"]) == (2, 1, 1)
+    assert s["refused_by_reason"] == {"outside_geofence": 1, "rate_limited": 1}
+    assert s["deliveries"] == 2 and s["minutes_shared"] == 42.0
+    assert s["your_changes"] == {"killswitch_on": 1} and s["ignored_before_authentication"] == 7

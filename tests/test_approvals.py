@@ -159,3 +159,31 @@ def test_unknown_or_mistyped_id_is_a_clear_error(setup) -> None:
     assert unknown.returncode == 2 and "no request with ID 99" in unknown.stderr
     typo = cli(config, "decline", "seven")
     assert typo.returncode == 2 and "'seven' is not a request ID" in typo.stderr
+
+
+def test_agency_text_cannot_reorder_or_split_what_the_resident_reads(setup) -> None:
+    config, q = setup
+    now = datetime.now(UTC).replace(microsecond=0)
+    start = datetime(2026, 11, 26, 20, 0, tzinfo=UTC)
+    item = q.hold(
+        raw=b"eyJhbGciOiJFZDI1NTE5In0.payload.sig-rlo", jti="request-jti-rlo-000001-abcdef", iss="jackson-pd",
+        sub="Det.\u200bAlvarez", case="2026-\u202e1234", purpose="Theft\u2028Footage: 00:00 to 23:59",
+        granted_start=start, granted_end=start + timedelta(minutes=5),
+        exp=int((now + timedelta(minutes=10)).timestamp()), now=now - timedelta(minutes=1),
+    )  # fmt: skip
+    out = cli(config, "pending")
+    assert out.returncode == 0, out.stderr
+    assert "  Officer:  Det.\\u200bAlvarez\n" in out.stdout
+    assert "  Case:     2026-\\u202e1234\n" in out.stdout
+    assert "  Purpose:  Theft\\u2028Footage: 00:00 to 23:59\n" in out.stdout
+    assert not any(c in out.stdout for c in "\u200b\u202e\u2028")
+
+    listing = cli(config, "pending", "--json").stdout
+    assert "\\u202e" in listing  # JSON keeps the exact text, written as an unambiguous escape
+    raw = json.loads(listing)["pending"][0]
+    assert (raw["officer"], raw["case"], raw["purpose"]) == ("Det.\u200bAlvarez", "2026-\u202e1234", "Theft\u2028Footage: 00:00 to 23:59")
+
+    answered = cli(config, "decline", str(item.id))
+    assert answered.returncode == 0, answered.stderr
+    assert f"Declined request {item.id} from jackson-pd (case 2026-\\u202e1234)." in answered.stdout
+    assert "\u202e" not in answered.stdout

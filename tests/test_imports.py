@@ -114,14 +114,16 @@ def with_a_logged_request(tmp_path: Path, config: Path) -> list[str]:
     from agent.state.devicekey import DeviceKey
 
     paths = load_config(config).paths
-    DeviceKey.load_or_create(paths.device_key_file)
+    key = DeviceKey.load_or_create(paths.device_key_file)
     now = datetime.now(UTC).replace(microsecond=0)
-    with AccessLog(paths.state_db) as log:
+    with AccessLog(paths.state_db, device_key=key) as log:
+        log.service_started(paths.data_dir)  # pins the key and signs at start-up, as the service does
         log.append(jti="req-0001-test-aaaaaaaa", iss="jackson-pd", sub="badge-4471", case="JPD-2026-000001",
                    purpose="Burglary reported on the 1200 block of N State St.",
                    area={"lat": 32.299839, "lon": -90.184, "radius_m": 300},
                    requested=(now - timedelta(hours=2), now - timedelta(hours=1)), reason="granted",
                    granted=(now - timedelta(minutes=90), now - timedelta(minutes=60)), kids=["jpd-2026a"], at=now)
+        log.service_stopping()
     return []
 
 
@@ -143,6 +145,8 @@ LIGHT_COMMANDS: list[tuple[list[str], Callable[[Path, Path], list[str]] | None]]
     (["log", "show"], with_a_logged_request),
     (["log", "verify"], with_a_logged_request),
     (["log", "checkpoint"], with_a_logged_request),
+    (["log", "summary"], with_a_logged_request),
+    (["log", "export", "-o", "-"], with_a_logged_request),
     (["trust", "add"], lambda tmp_path, config: [agency_keys(tmp_path)]),
     (["trust", "list"], None),
     (["pending"], with_a_held_request),

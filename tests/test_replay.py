@@ -86,3 +86,36 @@ def test_vector_seen_entries_round_trip(tmp_path: Path) -> None:
     with ReplayMemory(db) as mem:
         for s in case["agent"]["seen"]:
             assert mem.seen(s["jti"]) == s["payload_sha256"]
+
+
+# ----- the high-water mark: a clock that goes back must be noticed (see agent.sharing.service.LiveState)
+
+
+def at(epoch: int) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)
+
+
+def test_remembering_at_a_time_raises_the_high_water_mark_durably(tmp_path: Path) -> None:
+    db = tmp_path / "state.sqlite"
+    with ReplayMemory(db) as mem:
+        assert mem.high_water() is None
+        mem.remember("req-0001-base-aaaaaaaa", sha("a"), 1796321370, now=at(1796320800))
+        mem.remember("req-0002-other-bbbbbbb", sha("b"), 1796321370, now=at(1796320700))  # an earlier reading
+        assert mem.high_water() == at(1796320800)  # never lowered
+        mem.remember("req-0003-third-ccccccc", sha("c"), 1796321370)  # no time given: the mark is left alone
+        assert mem.high_water() == at(1796320800)
+    with ReplayMemory(db) as mem:  # a restart
+        assert mem.high_water() == at(1796320800)
+
+
+def test_a_purge_that_forgets_raises_the_mark_and_keeps_a_margin(tmp_path: Path) -> None:
+    """The forward clock step of the report: a purge at a future time is remembered, so when the clock
+    comes back it is seen to be behind. A purge that forgets nothing writes nothing."""
+    exp = 1796321370
+    with ReplayMemory(tmp_path / "state.sqlite") as mem:
+        mem.remember("req-0001-base-aaaaaaaa", sha("a"), exp)
+        assert mem.purge(exp + 60) == 0 and mem.high_water() is None
+        assert mem.purge(exp + 64, margin_s=5) == 0  # exp + 60 is not before (exp + 64) - 5: kept
+        assert mem.seen("req-0001-base-aaaaaaaa") == sha("a") and mem.high_water() is None
+        assert mem.purge(exp + 7200, margin_s=5) == 1
+        assert mem.high_water() == at(exp + 7200)

@@ -3,15 +3,20 @@
 Only used when ``policy.approval = "ask"``. The commands write the answer into
 the agent's state database; the running agent picks it up and delivers (or
 logs the refusal) within a few seconds.
+
+Everything the agency wrote (agency, officer, case, purpose) is printed through
+:func:`agent.display.safe_text`, so a right-to-left override or a line break in
+a case number cannot change what the resident reads before answering; ``--json``
+keeps the raw values (ASCII-only JSON escapes them unambiguously).
 """
 
 from __future__ import annotations
 
 import argparse
-import unicodedata
 from datetime import UTC, datetime, tzinfo
 
 from agent.cli.common import add_json_flag, config_from, print_json
+from agent.display import safe_text
 from agent.state.approvals import ApprovalQueue, PendingApproval, parse_id
 from agent.timeutil import format_local, format_utc, local_zone
 
@@ -37,14 +42,6 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _clean(text: str) -> str:
-    """Agency-supplied text, made safe to print: control and format characters shown as escapes."""
-    return "".join(
-        c if not unicodedata.category(c).startswith("C") else c.encode("unicode_escape").decode("ascii")
-        for c in text
-    )
-
-
 def _duration(seconds: float) -> str:
     seconds = max(0, round(seconds))
     if seconds < 60:
@@ -64,10 +61,10 @@ def _describe(item: PendingApproval, now: datetime, tz: tzinfo | None) -> list[s
     left = (item.exp - now).total_seconds()
     return [
         f"Request {item.id}: answer within {_duration(left)} (until {format_local(item.exp, tz, seconds=False)})",
-        f"  Agency:   {_clean(item.iss)}",
-        f"  Officer:  {_clean(item.sub)}",
-        f"  Case:     {_clean(item.case)}",
-        f"  Purpose:  {_clean(item.purpose)}",
+        f"  Agency:   {safe_text(item.iss)}",
+        f"  Officer:  {safe_text(item.sub)}",
+        f"  Case:     {safe_text(item.case)}",
+        f"  Purpose:  {safe_text(item.purpose)}",
         f"  Footage:  {start} to {end} ({_duration(length)})",
         f"  Share it:   doorbell-agent approve {item.id}",
         f"  Refuse it:  doorbell-agent decline {item.id}",
@@ -103,7 +100,7 @@ def _approve(args: argparse.Namespace) -> int:
         print_json(item.as_json())
         return 0
     length = _duration((item.granted_end - item.granted_start).total_seconds())
-    print(f"Approved request {item.id} from {_clean(item.iss)} (case {_clean(item.case)}).")
+    print(f"Approved request {item.id} from {safe_text(item.iss)} (case {safe_text(item.case)}).")
     print(f"The agent will send {length} of footage, encrypted to the agency, within a few seconds while it runs.")
     return 0
 
@@ -115,6 +112,6 @@ def _decline(args: argparse.Namespace) -> int:
     if args.json:
         print_json(item.as_json())
         return 0
-    print(f"Declined request {item.id} from {_clean(item.iss)} (case {_clean(item.case)}). Nothing was shared.")
+    print(f"Declined request {item.id} from {safe_text(item.iss)} (case {safe_text(item.case)}). Nothing was shared.")
     print("The agency is not told.")
     return 0

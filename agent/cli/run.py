@@ -106,10 +106,14 @@ def sharing_lines(data: dict[str, Any]) -> list[str]:
         blockers.append(f"the trust store cannot be read ({trust['error']})")
     elif trust["usable"] == 0:
         blockers.append("no agency key is trusted (doorbell-agent trust add FILE)")
+    consent = data.get("consent")
+    if consent and not consent["consents"]:
+        blockers.append(consent["why"])
     if blockers:
         out.append("Sharing: BLOCKED, nothing will be shared because " + "; and ".join(blockers) + ".")
     else:
-        out.append(f"Sharing: allowed for signed requests that meet your rules ({trust['usable']} trusted agency key(s)).")
+        until = f"; your consent runs until {_local_z(consent['end'])}" if consent else ""
+        out.append(f"Sharing: allowed for signed requests that meet your rules ({trust['usable']} trusted agency key(s){until}).")
     broker = data.get("broker")
     if broker and not broker["tls"]:
         out.append("  WARNING: the broker link is NOT encrypted (mqtt.tls = false).")
@@ -127,6 +131,33 @@ def sharing_lines(data: dict[str, Any]) -> list[str]:
         out.append(f"  Requests: {c.get('granted', 0)} granted, {c.get('refused', 0)} refused, "
                    f"{c.get('held_for_approval', 0)} held for you, {c.get('preauth_rejected', 0)} unsigned or "
                    f"malformed messages ignored; {c.get('delivered', 0)} deliveries completed.")
+        out.extend(intake_lines(t))
     if data["pending_approvals"]:
         out.append(f"  {data['pending_approvals']} request(s) wait for your answer: doorbell-agent pending")
+    dk = data.get("device_key") or {}
+    if dk.get("thumbprint"):  # note it down: `log verify --device-key` and agencies' manifests (kid) use it
+        out.append(f"  Device identity (thumbprint, note it down): {dk['thumbprint']}")
+    if dk.get("problem"):
+        out.append(f"  DEVICE KEY PROBLEM: {dk['problem']}")
+    return out
+
+
+def intake_lines(transport: dict[str, Any]) -> list[str]:
+    """What waits in the inbox, and anything the agent could not keep: a request may have been among it."""
+    out: list[str] = []
+    inbox = transport.get("inbox") or {}
+    tc = transport.get("counters") or {}
+    if inbox.get("messages"):
+        out.append(f"  Inbox: {inbox['messages']} message(s) waiting for a decision "
+                   f"(room for {inbox.get('max_messages', '?')}).")
+    lost = []
+    if tc.get("inbox_full"):
+        lost.append(f"{tc['inbox_full']} dropped because the inbox was full (a flood)")
+    if tc.get("inbox_unwritable"):
+        lost.append(f"{tc['inbox_unwritable']} left with the broker because the inbox could not be written "
+                    "(check the disk); the broker offers them again after a reconnect")
+    if tc.get("packet_too_large"):
+        lost.append(f"{tc['packet_too_large']} packet(s) larger than agreed refused (the broker misbehaves)")
+    if lost:
+        out.append("  NOT KEPT since the agent started: " + "; ".join(lost) + ".")
     return out

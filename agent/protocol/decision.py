@@ -177,13 +177,20 @@ def message_sha256(message: bytes) -> str:
     return hashlib.sha256(message).hexdigest()
 
 
-def decide(message: bytes, *, trust: TrustStore, policy: Policy, state: AgentState, now: datetime) -> Decision:
+def decide(message: bytes, *, trust: TrustStore, policy: Policy, state: AgentState, now: datetime,
+           request_time: datetime | None = None) -> Decision:
     """Decide one request message; never raises for anything the message contains.
 
     ``now`` must be timezone-aware (a naive time is a programming error and raises ``ValueError``).
+    ``request_time`` (default ``now``) is the instant at which the request's own lifetime is judged
+    (steps 10 and 11: ``iat``, ``nbf``, ``exp``). Deciding a request as it arrives, both are now.
+    Re-checking a grant before its delivery runs passes the grant's instant: the request was
+    acted on while it was valid, and a delivery delayed past ``exp`` by an outage or a restart
+    must not fail for that, while everything the resident and the trust store control (keys,
+    consent, rules, footage, limits) is still judged at ``now``.
     """
-    if now.tzinfo is None:
-        raise ValueError("decide() needs an aware datetime for now")
+    if now.tzinfo is None or (request_time is not None and request_time.tzinfo is None):
+        raise ValueError("decide() needs aware datetimes for now and request_time")
     # 1-2: size, then shape. Nothing below this block may trust the message until 3-4 pass.
     try:
         jws = parse_unverified(message)
@@ -207,7 +214,7 @@ def decide(message: bytes, *, trust: TrustStore, policy: Policy, state: AgentSta
     if not any(k is not None and k.role == "requester" and k.iss == req.iss for k in signers):
         return d(Reason.WRONG_ISSUER, f"no requester key for iss {req.iss!r} among {list(kids)}")
     # An agency cannot oversee itself: only an oversight key of another iss counts.
-    if policy.require_oversight and not any(k is not None and k.role == "oversight" and k.iss != req.iss for k in signers):
+    if policy.require_oversight and not any(k is not None and k.counts_as_oversight_for(req.iss) for k in signers):
         return d(Reason.OVERSIGHT_REQUIRED)
     # 7-11: for whom, and when.
     if req.aud != policy.program:
@@ -217,7 +224,7 @@ def decide(message: bytes, *, trust: TrustStore, policy: Policy, state: AgentSta
     for k in signers:
         if k is None or not k.valid_at(now):
             return d(Reason.KEY_NOT_VALID, f"key {k.kid if k else '?'!r} is revoked or outside its validity period")
-    t = now.timestamp()
+    t = (request_time or now).timestamp()
     if t < req.iat - CLOCK_SKEW_S or (req.nbf is not None and t < req.nbf - CLOCK_SKEW_S):
         return d(Reason.NOT_YET_VALID)
     if t > req.exp + CLOCK_SKEW_S:

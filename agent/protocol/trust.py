@@ -8,6 +8,14 @@ only; a private key (``d``) is refused so that it never sits where it need not.
 Everything is checked on load. A store that cannot be read or does not
 validate raises :class:`TrustStoreError`: the caller must then share nothing
 (fail closed), never fall back to an empty or partial store silently.
+
+Changing the store follows one rule: **an import only narrows**. Re-importing a
+set may add keys, shorten a known key's validity or revoke it, but it may not
+lengthen a validity period or bring a revoked key back, because the file being
+imported may simply be an older copy of the agency's set (one from before a key
+was given an end date). Lengthening needs the resident's explicit ``--force``
+(:meth:`TrustStore.add` with ``force=True``); un-revoking a key needs
+:meth:`TrustStore.restore` by its kid and is never done by an import.
 """
 
 from __future__ import annotations
@@ -15,15 +23,17 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, tzinfo
 from typing import Any, Literal, TypeGuard
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.errors import UserError
 from agent.protocol.jose import JwsError, b64url_decode, strict_json
+from agent.timeutil import format_local, format_utc, from_epoch
 
 Role = Literal["requester", "oversight"]
+KeyStatus = Literal["valid", "revoked", "not yet valid", "expired"]
 ROLES: tuple[Role, ...] = ("requester", "oversight")
 _ISS = re.compile(r"[a-z0-9._-]{1,64}")
 _KID = re.compile(r"[\x21-\x7e]{1,256}")  # printable ASCII without space: safe to show and to log
@@ -62,6 +72,25 @@ class TrustedKey:
             return False
         t = now.timestamp()
         return (self.nbf is None or t >= self.nbf) and (self.exp is None or t < self.exp)
+
+    def status_at(self, now: datetime) -> KeyStatus:
+        """Why the key is or is not usable at ``now``, in one word-group a resident can read."""
+        if self.revoked:
+            return "revoked"
+        t = now.timestamp()
+        if self.nbf is not None and t < self.nbf:
+            return "not yet valid"
+        if self.exp is not None and t >= self.exp:
+            return "expired"
+        return "valid"
+
+    def counts_as_oversight_for(self, iss: str) -> bool:
+        """Section 1, independent oversight: an oversight key of *another* agency than the request's ``iss``.
+
+        An agency cannot oversee itself, even with a key it labelled ``oversight``. Whether the key
+        is valid at a given time is a separate question (:meth:`valid_at`).
+        """
+        return self.role == "oversight" and self.iss != iss
 
     def to_jwk(self) -> dict[str, Any]:
         jwk: dict[str, Any] = {"kty": "OKP", "crv": "Ed25519", "x": self.x, "kid": self.kid}
@@ -139,8 +168,111 @@ class TrustedKey:
         )  # fmt: skip
 
 
+def _when(epoch: object, tz: tzinfo | None, none: str) -> str:
+    """An ``nbf``/``exp`` for people: local time in ``tz`` (RFC 3339 UTC when there is none), or ``none``."""
+    if not isinstance(epoch, int) or isinstance(epoch, bool):
+        return none
+    return format_local(from_epoch(epoch), tz, seconds=False) if tz is not None else format_utc(from_epoch(epoch))
+
+
+@dataclass(frozen=True, slots=True)
+class KeyChange:
+    """One change an import makes (or would make) to a key already in the store.
+
+    ``widens`` is true when the change makes the key usable at more instants than before (a later
+    or removed ``exp``, an earlier or removed ``nbf``): only a forced import may make it.
+    """
+
+    kid: str
+    field: Literal["nbf", "exp", "revoked", "use", "alg"]
+    old: int | bool | str | None
+    new: int | bool | str | None
+    widens: bool
+
+    def words(self, tz: tzinfo | None = None) -> str:
+        """``jpd-2026a: valid until 2027-01-01 00:00 CST → no end date``; times in ``tz`` (UTC if None)."""
+        if self.field == "exp":
+            what = f"valid until {_when(self.old, tz, 'no end date')} → {_when(self.new, tz, 'no end date')}"
+        elif self.field == "nbf":
+            what = f"valid from {_when(self.old, tz, 'no start date')} → {_when(self.new, tz, 'no start date')}"
+        elif self.field == "revoked":
+            what = "revoked" if self.new else "no longer revoked"
+        else:
+            what = f"{self.field} {self.old or 'not set'} → {self.new or 'not set'}"
+        return f"{self.kid}: {what}"
+
+    def to_json(self) -> dict[str, Any]:
+        def value(v: int | bool | str | None) -> int | bool | str | None:
+            return format_utc(from_epoch(v)) if self.field in ("nbf", "exp") and isinstance(v, int) else v
+
+        return {"kid": self.kid, "field": self.field, "from": value(self.old), "to": value(self.new), "widens": self.widens}
+
+
+def _changes(old: TrustedKey, new: TrustedKey) -> list[KeyChange]:
+    """What replacing ``old`` by ``new`` (same kid, key, issuer and role) changes, field by field."""
+    out: list[KeyChange] = []
+    if old.nbf != new.nbf:
+        out.append(KeyChange(old.kid, "nbf", old.nbf, new.nbf, old.nbf is not None and (new.nbf is None or new.nbf < old.nbf)))
+    if old.exp != new.exp:
+        out.append(KeyChange(old.kid, "exp", old.exp, new.exp, old.exp is not None and (new.exp is None or new.exp > old.exp)))
+    if old.revoked != new.revoked:
+        out.append(KeyChange(old.kid, "revoked", old.revoked, new.revoked, old.revoked))
+    for name in ("use", "alg"):
+        a, b = getattr(old, name), getattr(new, name)
+        if a != b:
+            out.append(KeyChange(old.kid, name, a, b, False))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class ImportResult:
+    """What :meth:`TrustStore.add` did, so the resident can be told exactly that."""
+
+    added: tuple[TrustedKey, ...] = ()
+    changes: tuple[KeyChange, ...] = ()
+    kept_revoked: tuple[str, ...] = ()  # revoked here, not in the file: they stay revoked (see TrustStore.restore)
+    unchanged: tuple[str, ...] = ()
+    forced: bool = False
+
+    @property
+    def changed(self) -> list[str]:
+        """The kids added (in the file's order), then those updated."""
+        kids = [k.kid for k in self.added]
+        for c in self.changes:
+            if c.kid not in kids:
+                kids.append(c.kid)
+        return kids
+
+
+class ImportWidensError(TrustStoreError):
+    """An import would lengthen the validity of keys already trusted; nothing was changed.
+
+    The file may be an old copy of the agency's set. ``widenings`` lists every such change so the
+    resident can see them and decide whether to import again with ``force``.
+    """
+
+    def __init__(self, widenings: list[KeyChange]) -> None:
+        self.widenings = widenings
+        super().__init__(
+            "the file would lengthen the validity of key(s) you already trust ("
+            + "; ".join(c.words() for c in widenings) + ")"
+        )
+
+
+def mixed_role_agencies(keys: Iterable[TrustedKey]) -> dict[str, tuple[list[str], list[str]]]:
+    """Agencies (``iss``) with both requester and oversight keys among ``keys``: {iss: (requester kids, oversight kids)}.
+
+    Such an agency's oversight keys never count as independent oversight for its own requests
+    (section 1), which a resident importing one file from that agency may not expect.
+    """
+    by_iss: dict[str, tuple[list[str], list[str]]] = {}
+    for k in keys:
+        by_iss.setdefault(k.iss, ([], []))[0 if k.role == "requester" else 1].append(k.kid)
+    return {iss: kids for iss, kids in by_iss.items() if kids[0] and kids[1]}
+
+
 class TrustStore:
-    """The keys the resident trusts, by kid. Mutated only through :meth:`add` and :meth:`revoke`."""
+    """The keys the resident trusts, by kid. Mutated only through :meth:`add`, :meth:`revoke` and :meth:`restore`."""
 
     def __init__(self, keys: Iterable[TrustedKey] = ()) -> None:
         self._keys: dict[str, TrustedKey] = {}
@@ -214,18 +346,28 @@ class TrustStore:
 
     # --- changing ---
 
-    def add(self, other: TrustStore | Iterable[TrustedKey]) -> list[str]:
-        """Merge keys in place; return the kids that were added or changed.
+    def independent_oversight(self, iss: str) -> list[TrustedKey]:
+        """The keys whose co-signature counts as oversight for requests of agency ``iss`` (revoked ones left out)."""
+        return [k for k in self._keys.values() if k.counts_as_oversight_for(iss) and not k.revoked]
 
-        A kid already present with the same key material is updated: its
-        validity period is taken from ``other``, and it is revoked if either
-        side says so (re-importing an old set never un-revokes a key). The
-        same kid with a different key, issuer or role is refused: that is a
-        different key wearing a known name. Nothing changes if any key is refused.
+    def add(self, other: TrustStore | Iterable[TrustedKey], *, force: bool = False) -> ImportResult:
+        """Merge keys in place, only narrowing what is already trusted unless ``force``; say what changed.
+
+        A new kid is added. A kid already present with the same key material takes the file's
+        validity period, ``use`` and ``alg``, provided that only narrows it: a later or removed
+        ``exp``, or an earlier or removed ``nbf``, raises :class:`ImportWidensError` listing every
+        such change, unless ``force``. A key revoked here stays revoked whatever the file says,
+        forced or not (un-revoking is :meth:`restore`, one kid at a time, never a side effect of a
+        bulk import); the file can revoke a key. The same kid with a different key, issuer or role
+        is refused: that is a different key wearing a known name. Nothing changes if anything is
+        refused.
         """
         incoming = list(other)
         merged = dict(self._keys)
-        changed: list[str] = []
+        added: list[TrustedKey] = []
+        changes: list[KeyChange] = []
+        kept_revoked: list[str] = []
+        unchanged: list[str] = []
         for key in incoming:
             old = merged.get(key.kid)
             if old is None:
@@ -235,26 +377,49 @@ class TrustStore:
                             f"key {key.kid!r} is the same public key as kid {existing.kid!r} already in the store"
                         )
                 merged[key.kid] = key
-                changed.append(key.kid)
+                added.append(key)
                 continue
             if (old.x, old.iss, old.role) != (key.x, key.iss, key.role):
                 raise TrustStoreError(
                     f"kid {key.kid!r} is already in the store with a different key, issuer or role; "
                     "revoke the old key and import the new one under a new kid"
                 )
+            if old.revoked and not key.revoked:
+                kept_revoked.append(key.kid)
             new = replace(key, revoked=old.revoked or key.revoked, public_key=old.public_key)
-            if new != old:
+            diff = _changes(old, new)
+            if diff:
                 merged[key.kid] = new
-                changed.append(key.kid)
+                changes.extend(diff)
+            elif key.kid not in kept_revoked:
+                unchanged.append(key.kid)
+        widenings = [c for c in changes if c.widens]
+        if widenings and not force:
+            raise ImportWidensError(widenings)
         self._keys = merged
-        return changed
+        return ImportResult(tuple(added), tuple(changes), tuple(kept_revoked), tuple(unchanged), force)
 
     def revoke(self, kid: str) -> TrustedKey:
         """Mark a key revoked (kept in the store, so that a later import cannot bring it back)."""
+        key = self._known(kid)
+        revoked = replace(key, revoked=True)
+        self._keys = {**self._keys, kid: revoked}
+        return revoked
+
+    def restore(self, kid: str) -> TrustedKey:
+        """Trust a revoked key again: the only way to clear ``revoked`` (an import never does).
+
+        The key keeps its validity period; whether it is usable now is :meth:`TrustedKey.valid_at`.
+        Restoring a key that is not revoked changes nothing.
+        """
+        key = self._known(kid)
+        restored = replace(key, revoked=False)
+        self._keys = {**self._keys, kid: restored}
+        return restored
+
+    def _known(self, kid: str) -> TrustedKey:
         key = self._keys.get(kid)
         if key is None:
             known = ", ".join(sorted(self._keys)) or "none"
             raise TrustStoreError(f"no key with kid {kid!r} in the trust store (known kids: {known})")
-        revoked = replace(key, revoked=True)
-        self._keys = {**self._keys, kid: revoked}
-        return revoked
+        return key

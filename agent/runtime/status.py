@@ -82,6 +82,7 @@ def sharing_status(cfg: AgentConfig, now: datetime | None = None) -> dict[str, A
     from agent.state.approvals import ApprovalQueue
     from agent.state.clock import SystemClock
     from agent.state.killswitch import KillSwitch
+    from agent.state.pin import device_identity
     from agent.state.truststore import load_trust_store
     from agent.timeutil import to_us
 
@@ -96,6 +97,8 @@ def sharing_status(cfg: AgentConfig, now: datetime | None = None) -> dict[str, A
         out["trust"] = {"keys": len(trust), "usable": sum(1 for k in trust if k.valid_at(now)), "error": None}
     except TrustStoreError as exc:
         out["trust"] = {"keys": 0, "usable": 0, "error": str(exc)}
+    if cfg.policy is not None:
+        out["consent"] = consent_status(cfg, now)
     if cfg.paths.state_db.exists():
         out["pending_approvals"] = len(ApprovalQueue(cfg.paths.state_db).pending(now))
     else:
@@ -108,4 +111,36 @@ def sharing_status(cfg: AgentConfig, now: datetime | None = None) -> dict[str, A
         svc["stale"] = age > 3 * float(svc.get("status_interval_s") or 5.0)
         svc["age_s"] = round(age, 1)
     out["service"] = svc
+    # The device key's pinned thumbprint (agent.state.pin): the homeowner notes it; log verify checks against it.
+    out["device_key"] = device_identity(cfg.paths.data_dir, cfg.paths.device_key_file).to_json()
     return out
+
+
+def consent_status(cfg: AgentConfig, now: datetime) -> dict[str, Any]:
+    """Whether the resident's consent holds at ``now``, and if not, why, in words with local times.
+
+    The rule itself is :meth:`agent.protocol.decision.Policy.consents_at`, the one the decision uses
+    (step 14), so ``status`` can never say "allowed" while every request is refused for consent.
+    The reason is only worked out once that rule has said no. Needs ``cfg.policy``.
+    """
+    from agent.protocol.decision import Policy
+    from agent.timeutil import format_local, format_utc
+
+    assert cfg.policy is not None
+    policy = Policy.from_config(cfg.policy)
+    consents = policy.consents_at(now)
+    start, end = policy.consent_start, policy.consent_end
+    if consents:
+        state, why = "given", None
+    elif policy.consent_withdrawn:
+        state, why = "withdrawn", "you withdrew your consent (policy.consent.withdrawn = true)"
+    elif now < start:
+        state, why = "not_started", f"your consent period starts only on {format_local(start, seconds=False)} (policy.consent.start)"
+    elif now >= end:
+        state, why = "ended", f"your consent period ended on {format_local(end, seconds=False)} (policy.consent.end)"
+    else:  # the rule said no for a reason this function does not know yet: say so rather than guess
+        state, why = "not_given", "your consent does not cover this moment (policy.consent)"
+    return {
+        "consents": consents, "state": state, "why": why, "withdrawn": policy.consent_withdrawn,
+        "start": format_utc(start), "end": format_utc(end),
+    }  # fmt: skip

@@ -212,9 +212,42 @@ def run_components(cfg: AgentConfig, starters: Sequence[Callable[[AgentConfig], 
     return 1 if errors else 0
 
 
+PRIVATE_UMASK = 0o077
+"""Everything ``run`` creates (data_dir, footage, databases, outbox, keys, status files) is the service user's alone."""
+
+
+def make_data_dir_private(data_dir: Path) -> None:
+    """Create ``data_dir`` 0700, or take group and other access away from one this user owns.
+
+    Files made by earlier versions (0644) are then out of reach too: the folder is the gate.
+    A folder owned by someone else is left alone (its owner chose); the agent only warns.
+    """
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = data_dir.stat()
+    if st.st_mode & 0o077 == 0:
+        return
+    if st.st_uid == os.geteuid():
+        data_dir.chmod(st.st_mode & 0o700)
+        log.info("made %s private to this user (it was mode %o)", data_dir, st.st_mode & 0o777)
+    else:
+        log.warning("%s is readable by others (mode %o) and not ours to change; footage and keys in it may be exposed",
+                    data_dir, st.st_mode & 0o777)
+
+
 def run_agent(cfg: AgentConfig) -> int:
-    """The whole of ``doorbell-agent run`` after the configuration is loaded: 0 on a clean stop."""
-    log.info("doorbell-agent starting (pid %d)", os.getpid())
-    code = run_components(cfg, components_for(cfg))
-    log.info("stopped")
-    return code
+    """The whole of ``doorbell-agent run`` after the configuration is loaded: 0 on a clean stop.
+
+    Runs under umask 077 (restored on return, for callers in the same process): footage,
+    databases, outbox files and data_dir itself are private even where the agent creates them,
+    not only where install.sh did. Other commands keep the caller's umask, so a clip the
+    resident saves with ``clip -o`` is theirs to read and delete.
+    """
+    old = os.umask(PRIVATE_UMASK)
+    try:
+        log.info("doorbell-agent starting (pid %d)", os.getpid())
+        make_data_dir_private(cfg.paths.data_dir)
+        code = run_components(cfg, components_for(cfg))
+        log.info("stopped")
+        return code
+    finally:
+        os.umask(old)

@@ -9,42 +9,48 @@ Three threads, so that nothing slow sits in front of anything urgent:
   log, a delivery job or a pending approval) and only then acknowledges the
   message to the broker, so a crash never loses a request it has not
   recorded;
-- the **delivery worker** cuts the clip, seals it and publishes it chunk by
-  chunk, checking the kill switch before every chunk. A flood of requests
-  never waits behind a 12-hour clip, and a clip never waits behind a flood.
+- the **delivery worker** (:class:`~agent.sharing.delivery.DeliveryWorker`, its
+  own module) decides the stored request again, cuts the clip, seals it and
+  publishes it chunk by chunk, checking the kill switch before every chunk. A
+  flood of requests never waits behind a 12-hour clip, and a clip never waits
+  behind a flood.
+
+This module is the request side: it owns the rules, the trust store and the
+live state, so it gives the delivery worker the one thing that needs them, the
+re-check of a grant (:meth:`RequestService.regrant`).
 
 Delivery jobs live in ``<data_dir>/outbox`` (mode 0600) from the moment a
 grant is logged until the delivery is finished or cut. A job carries the
-``delivery_id`` chosen at grant time; once sealed, it also keeps the sealed
-manifest and content key beside the clip, so a delivery interrupted by a
-broker outage or an agent restart resumes with byte-identical chunks. One
-grant therefore produces exactly one delivery.
+``delivery_id`` chosen at grant time, the request exactly as it was signed (to
+decide it again) and an absolute deadline; once sealed, it also keeps the
+sealed manifest and content key beside the clip, so a delivery interrupted by
+a broker outage or an agent restart resumes with byte-identical chunks. One
+grant therefore produces one delivery (see the delivery module for the one
+exception: rules that narrow the window after part of it left).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import mmap
 import os
-import queue
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from agent.buffer.clips import ClipError, NoFootageError, cut_clip
 from agent.buffer.segments import SegmentStore
 from agent.config import AgentConfig
 from agent.protocol.decision import BEFORE_REPLAY_REASONS, Decision, Policy, Reason, decide
 from agent.protocol.geohash import subscription_filter
-from agent.protocol.sealing import SealedDelivery, new_delivery_id, resume_delivery, seal_delivery
+from agent.protocol.sealing import new_delivery_id
 from agent.protocol.trust import TrustStore, TrustStoreError
 from agent.fsutil import write_json_atomic
+from agent.sharing.delivery import DELIVERY_GIVE_UP_S, DeliveryWorker, Regrant, deadline_for, narrow
 from agent.sharing.outbox import DeliveryJob, Outbox
 from agent.sharing.transport import MqttTransport, default_client_id
 from agent.state.accesslog import AccessLog
@@ -52,9 +58,9 @@ from agent.state.approvals import ApprovalQueue, PendingApproval
 from agent.state.clock import ClockSource, SystemClock
 from agent.state.devicekey import DeviceKey
 from agent.state.killswitch import KillSwitch
-from agent.state.replay import ReplayMemory
+from agent.state.replay import CLOCK_BACK_TOLERANCE_S, ReplayMemory
 from agent.state.truststore import load_trust_store
-from agent.timeutil import format_utc, from_us, to_us
+from agent.timeutil import format_utc, from_us, parse_utc_z, to_us
 
 log = logging.getLogger("agent.sharing.service")
 
@@ -64,17 +70,51 @@ UTC = timezone.utc
 HOUSEKEEPING_S = 1.0
 STATUS_INTERVAL_S = 5.0
 MQTT_SESSION_FILE = "mqtt-session.json"
+INBOX_FILE = "inbox.sqlite"
+"""Received requests waiting for their decision (see :mod:`agent.state.inbox`)."""
 """Which filters the broker's session for our client id holds (see ``MqttTransport(session_file=...)``)."""
-DELIVERY_WINDOW = 4
-"""Messages of a delivery awaiting their PUBACK at once: enough to fill the link, few enough that
-little is already on its way when the kill switch is pressed (at most 4 x 256 KiB)."""
-ACK_POLL_S = 2.0
-"""How often a delivery waiting for a PUBACK looks at the kill switch and the stop flag."""
-DELIVERY_GIVE_UP_S = 3600.0
-"""A delivery the broker will not take for this long is abandoned (and logged as failed)."""
+
+
+# -- pacing the decision worker during a flood -------------------------------------
+
+UNREAD_BYTES_YIELD = 16384
+"""Bytes waiting unread on the broker connection above which the worker steps aside: paho is behind."""
+STEP_ASIDE_S = 0.001
+STEP_ASIDE_MAX_S = 0.05
+"""How long the worker sleeps at a time while paho catches up, and at most per message (it still makes progress)."""
+
+
+class _Pacer:
+    """Keeps the decision worker from starving paho's thread (and the recorder) of the GIL.
+
+    Deciding is pure Python (parsing, signature checks). A CPU-bound thread keeps the GIL for the
+    whole switch interval (5 ms) while others wait for it, and paho's thread needs it for every
+    packet: during a flood of thousands of messages a second it then reads too slowly, the
+    broker's queue for us overflows and the broker drops messages (a real request may be among
+    them), and the camera drops frames. Reading the wire comes first: the inbox keeps what the
+    worker has not decided yet, in order. So after each message the worker looks at how many bytes
+    wait unread on the connection; while paho is behind it sleeps in short steps, otherwise it only
+    lets a waiting thread in, and a backlog in the inbox drains at full speed.
+    """
+
+    def __init__(self, unread_bytes: Callable[[], int]) -> None:
+        self._unread_bytes = unread_bytes
+
+    def after_message(self) -> None:
+        waited = 0.0
+        while waited < STEP_ASIDE_MAX_S and self._unread_bytes() > UNREAD_BYTES_YIELD:
+            time.sleep(STEP_ASIDE_S)
+            waited += STEP_ASIDE_S
+        if not waited:
+            time.sleep(0)  # lets a waiting thread take the GIL now, not at the end of the switch interval
 
 
 # -- what the decision reads ------------------------------------------------------
+
+
+UNKNOWN_PAYLOAD = "unknown: logged before the access log recorded payload hashes"
+"""What :meth:`LiveState.seen` answers for a jti used up by a log entry that has no payload hash:
+equal to no message's sha256, so any copy is refused as ``replayed`` (never shared twice)."""
 
 
 @dataclass
@@ -88,19 +128,62 @@ class LiveState:
     store: SegmentStore
     unsynced_why: str = ""
     forget_jti: str | None = None  # see RequestService.handle: a jti remembered but never logged
+    went_back: bool = False  # the clock read earlier than a time already acted on (logged once per episode)
 
     @property
     def clock_synced(self) -> bool:
+        """The system says the clock is synchronized, and it has not gone back behind a time the agent already used.
+
+        A clock stepped forward and then back (a bad time server, a Pi that booted with a wrong time)
+        would otherwise let housekeeping purge replay entries at the future time and then accept their
+        requests again at the real one. So a clock reading more than ``CLOCK_BACK_TOLERANCE_S`` before
+        the latest time the agent acted on (the replay memory's high-water mark, the access log's newest
+        entry) is not trusted, fail closed, until real time passes that mark again.
+        """
         ok, why = self.clock.synced()
+        if ok:
+            ok, why = self._not_gone_back()
         self.unsynced_why = "" if ok else why
         return ok
+
+    def _not_gone_back(self) -> tuple[bool, str]:
+        now = self.clock.now()
+        marks = [m for m in (self.replay.high_water(), self.accesslog.last_at()) if m is not None]
+        mark = max(marks) if marks else None
+        behind = (mark - now).total_seconds() if mark is not None else 0.0
+        if mark is None or behind <= CLOCK_BACK_TOLERANCE_S:
+            if self.went_back:
+                self.went_back = False
+                log.warning("the clock has caught up with the latest time this agent acted on; sharing is possible again")
+            return True, ""
+        why = (f"the clock reads {format_utc(now)}, {behind:.0f} s before {format_utc(mark)}, a time this agent has "
+               f"already acted on: it went back, so it is not trusted until it passes that time again")
+        if not self.went_back:
+            self.went_back = True
+            log.warning("%s; nothing is shared until then", why)
+        return False, why
 
     @property
     def kill_switch(self) -> bool:
         return self.killswitch.engaged
 
     def seen(self, jti: str) -> str | None:
-        return None if jti == self.forget_jti else self.replay.seen(jti)
+        """Step 12: the sha256 of the message that used up ``jti``, from the replay memory or else the access log.
+
+        The access log is the record that outlives any purge of the replay memory: a decision on
+        ``jti`` past checks 1 to 11 (not a refusal in ``BEFORE_REPLAY_REASONS``) means it is used up,
+        whatever the replay memory still holds.
+        """
+        if jti == self.forget_jti:
+            return None
+        remembered = self.replay.seen(jti)
+        if remembered is not None:
+            return remembered
+        for e in self.accesslog.entries(jti=jti):
+            if e.type == "decision" and e.outcome not in _BEFORE_REPLAY:
+                sha = e.data.get("payload_sha256")
+                return sha if isinstance(sha, str) else UNKNOWN_PAYLOAD
+        return None
 
     def grants_since(self, iss: str, since: datetime) -> int:
         return self.accesslog.grants_since(iss, since)
@@ -120,6 +203,24 @@ class _IgnoreSeen:
 
     def seen(self, jti: str) -> str | None:
         return None
+
+
+class _Regranting(_IgnoreSeen):
+    """The live state for deciding again a request already granted: its own grant is not counted.
+
+    Step 21 counts grants to the issuer in the last 24 hours; the grant being re-checked (its
+    ``granted`` decision or the resident's ``approved`` event) is one of them and must not count
+    against itself, or a resident allowing one grant a day could never receive it.
+    """
+
+    def __init__(self, state: LiveState, jti: str) -> None:
+        super().__init__(state)
+        self._jti = jti
+
+    def grants_since(self, iss: str, since: datetime) -> int:
+        own = sum(1 for e in self._state.accesslog.entries(jti=self._jti)
+                  if e.iss == iss and e.at > since and e.outcome in ("granted", "approved"))
+        return max(0, self._state.grants_since(iss, since) - own)
 
 
 class TrustCache:
@@ -159,20 +260,6 @@ class TrustCache:
         self._store = None
 
 
-# -- delivery messages in flight ----------------------------------------------------
-
-
-@dataclass
-class _InFlight:
-    topic: str
-    payload: bytes
-    mid: int | None = None
-
-    @property
-    def is_chunk(self) -> bool:
-        return not self.topic.endswith("/manifest")
-
-
 # -- the service --------------------------------------------------------------------
 
 
@@ -187,6 +274,7 @@ class ServiceCounters:
     delivered: int = 0
     delivery_cut: int = 0
     delivery_failed: int = 0
+    delivery_refused: int = 0
     trust_store_unreadable: int = 0
     handler_errors: int = 0
     last_decision: dict[str, Any] = field(default_factory=dict)
@@ -225,8 +313,12 @@ class RequestService:
         self.state = LiveState(self.clock, self.killswitch, self.replay, self.accesslog, self.store)
         self.counters = ServiceCounters()
         self.delivery_give_up_s = delivery_give_up_s
-        self._deliveries: queue.Queue[DeliveryJob] = queue.Queue()
         self._stop = threading.Event()
+        self.delivery = DeliveryWorker(
+            outbox=self.outbox, transport=transport, accesslog=self.accesslog, killswitch=self.killswitch,
+            store=self.store, device_key=device_key, clock=self.clock, regrant=self.regrant, root=self.root,
+            stop=self._stop, counters=self.counters, events=self._delivery_event,
+        )  # fmt: skip
         self._threads: list[threading.Thread] = []
         self._closed = False
         self._lock = threading.Lock()
@@ -235,10 +327,14 @@ class RequestService:
         self.on_decision: Callable[[Decision | None], None] | None = None
         self.delivery_events: Callable[[str, DeliveryJob, dict[str, Any]], None] | None = None
         transport.on_dropped = self._dropped_by_transport
+        transport.use_inbox(paths.data_dir / INBOX_FILE)  # what the broker handed over survives a restart
 
     # ---- lifecycle
 
     def start(self) -> None:
+        # Pins the device key (a replaced key stops here), records changed rules, signs a start-up checkpoint.
+        self.accesslog.service_started(self.cfg.paths.data_dir,
+                                       rules=self.cfg.require_policy().model_dump(mode="json", by_alias=True))
         for job in self.outbox.pending():
             if job.log_seq == 0:  # stopped between writing the job and logging the grant
                 grant = [e for e in self.accesslog.entries(jti=job.jti) if e.outcome == "granted"]
@@ -250,11 +346,12 @@ class RequestService:
             if self._closing_event(job.jti) is not None:  # stopped between logging the end and tidying up
                 self.outbox.remove(job.jti)
                 continue
+            # Decided again before anything is sent (DeliveryWorker.deliver), like every start of a delivery.
             log.info("resuming the delivery for request %s (delivery %s)", job.jti, job.delivery_id)
-            self._deliveries.put(job)
+            self.delivery.submit(job)
         self.transport.start()
         self._spawn(self._decision_loop, "decisions")
-        self._spawn(self._delivery_loop, "deliveries")
+        self._spawn(self.delivery.run, "deliveries")
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         t = threading.Thread(target=target, name=f"doorbell-{name}", daemon=True)
@@ -273,6 +370,7 @@ class RequestService:
             self._closed = True
             self.transport.stop()
             self.flush_rejections()
+            self.accesslog.service_stopping()  # the shutdown checkpoint: the next start knows this stop was clean
             for closer in (self.replay.close, self.accesslog.close, self.store.close):
                 closer()
         return done
@@ -310,7 +408,7 @@ class RequestService:
             finally:
                 self.state.forget_jti = None
         req = d.request
-        assert req is not None
+        assert req is not None and d.payload_sha256 is not None  # authenticated from here on
         if d.uses_jti:
             self.replay.remember(req.jti, d.payload_sha256, req.exp, now=now)
         c.decided += 1
@@ -319,15 +417,14 @@ class RequestService:
             assert d.granted is not None
             # The job is on disk before the grant is logged, so a grant in the log always has its job;
             # a job whose grant never got logged is dropped at the next start.
-            job = DeliveryJob(req.jti, new_delivery_id(), req.iss, req.recipient.to_jwk(),
-                              d.granted[0], d.granted[1], 0, "")
+            job = self._new_job(d, payload, now)
             self.outbox.add(job)
             job.log_seq, job.log_hash = self.accesslog.append_decision(d, at=now, delivery_id=job.delivery_id)
             self.outbox.add(job)
             c.granted += 1
             log.info("request %s from %s (case %s) granted: %s to %s", req.jti, req.iss, req.case,
                      format_utc(d.granted[0]), format_utc(d.granted[1]))
-            self._deliveries.put(job)
+            self.delivery.submit(job)
         elif d.reason is Reason.AWAITING_RESIDENT:
             assert d.granted is not None
             # Held before it is logged (holding again is harmless), so a logged request is always held.
@@ -349,6 +446,7 @@ class RequestService:
 
     def _decision_loop(self) -> None:
         next_chores = next_status = 0.0
+        pace = _Pacer(self.transport.unread_bytes)
         while not self._stop.is_set():
             msg = self.transport.get(timeout=0.5)
             if msg is not None:
@@ -357,11 +455,13 @@ class RequestService:
                     decision = self.handle(msg.payload)
                 except Exception:  # a bug or a full disk must not stop the agent from hearing the next request
                     self.counters.handler_errors += 1
-                    log.exception("error while handling a request; nothing was shared, the broker will offer it again")
+                    log.exception("error while handling a request; nothing was shared, it stays in the inbox "
+                                  "and is decided again at the next start")
                 else:
-                    self.transport.ack(msg)  # only once the outcome is on disk
+                    self.transport.ack(msg)  # only once the outcome is on disk: the inbox may forget it
                 if self.on_decision:
                     self.on_decision(decision)
+                pace.after_message()
             if time.monotonic() >= next_chores:
                 next_chores = time.monotonic() + HOUSEKEEPING_S
                 self.chores()
@@ -381,38 +481,95 @@ class RequestService:
                     log.info("request %s expired before you answered it; nothing was shared", item.jti)
             self.flush_rejections()
             self.accesslog.checkpoint_if_due(now)
-            if self.clock.synced()[0]:  # a clock jumping ahead must not empty the replay memory
-                self.replay.purge(now)
+            # Not while the clock is unsynced or behind a time already acted on; and with a margin, so nothing
+            # purged can be valid again at a time the decision accepts. A purge raises the replay memory's
+            # high-water mark: a clock stepped forward and then back is noticed (LiveState.clock_synced).
+            if self.state.clock_synced:
+                self.replay.purge(now, margin_s=CLOCK_BACK_TOLERANCE_S)
         except Exception:
             log.exception("housekeeping failed; it will be tried again")
 
     def _deliver_approved(self, item: PendingApproval, now: datetime) -> None:
-        """The homeowner said yes: check the rules again, then deliver. Safe to repeat after a crash."""
+        """The homeowner said yes: check the rules again, then deliver. Safe to repeat after a crash.
+
+        The window delivered is the re-check's at approval time (footage that aged past ``max_age_s``
+        while the request waited is no longer shared), never more than the window the resident saw
+        and approved; it is recorded in the ``approved`` event the manifest points to.
+        """
         if not self.outbox.has(item.jti) and self._closing_event(item.jti) is None:
-            again = self._recheck(item.raw, now)
-            if again is not None:
-                seq, digest = self.accesslog.append_event(item.jti, "delivery_failed", at=now,
-                                                          reason=f"approved, but no longer allowed: {again}")
-                log.info("request %s was approved but is no longer allowed (%s); nothing was shared", item.jti, again)
+            again = self._recheck(item.raw, now, jti=item.jti)
+            if again.transient:
+                log.info("request %s was approved; waiting to check it again (%s)", item.jti, again.refused)
+                return  # not claimed: tried again at the next chores()
+            approved = [e for e in self.accesslog.entries(jti=item.jti) if e.outcome == "approved"]
+            held = (item.granted_start, item.granted_end)
+            window = narrow(held, again.window) if again.window is not None else None
+            if window is not None and approved and isinstance(approved[0].data.get("granted"), dict):
+                logged = approved[0].data["granted"]  # a crash after logging the approval: not beyond what it says
+                window = narrow(window, (parse_utc_z(logged["start"]), parse_utc_z(logged["end"])))
+            if again.refused is not None or window is None:
+                reason = again.refused or "outside_consent"
+                self.accesslog.append_event(item.jti, "delivery_refused", at=now, reason=reason,
+                                            detail="approved, but no longer allowed")
+                self.counters.delivery_refused += 1
+                log.info("request %s was approved but is no longer allowed (%s); nothing was shared", item.jti, reason)
             else:
-                approved = [e for e in self.accesslog.entries(jti=item.jti) if e.outcome == "approved"]
                 seq, digest = ((approved[0].seq, approved[0].hash) if approved
-                               else self.accesslog.append_event(item.jti, "approved", at=now))
-                job = DeliveryJob(item.jti, new_delivery_id(), item.iss, item.extra["recipient"],
-                                  item.granted_start, item.granted_end, seq, digest)
+                               else self.accesslog.append_event(item.jti, "approved", at=now, granted=window))
+                job = DeliveryJob(item.jti, new_delivery_id(), item.iss, item.extra["recipient"], window[0], window[1],
+                                  seq, digest, raw=bytes(item.raw), granted_at=now, deadline=self._deadline(now, window[0]),
+                                  approved=True)
                 self.outbox.add(job)
                 log.info("request %s approved by you: delivering", item.jti)
-                self._deliveries.put(job)
+                self.delivery.submit(job)
         self.approvals.mark_granted(item.id, now)
 
-    def _recheck(self, raw: bytes, now: datetime) -> str | None:
-        """Why an approved request may no longer be shared (key revoked, consent withdrawn, limit reached), or None."""
+    def _new_job(self, d: Decision, payload: bytes, now: datetime) -> DeliveryJob:
+        """The outbox job for an immediate grant, written before the grant is logged.
+
+        It keeps the signed request (to decide it again whenever its delivery runs), the grant's
+        instant and an absolute deadline that a restart never extends.
+        """
+        req = d.request
+        assert req is not None and d.granted is not None
+        return DeliveryJob(req.jti, new_delivery_id(), req.iss, req.recipient.to_jwk(), d.granted[0], d.granted[1],
+                           0, "", raw=bytes(payload), granted_at=now, deadline=self._deadline(now, d.granted[0]))
+
+    def _deadline(self, granted_at: datetime, granted_start: datetime) -> datetime:
+        return deadline_for(granted_at, granted_start, give_up_s=self.delivery_give_up_s,
+                            retention_s=self.cfg.buffer.retention_hours * 3600.0)
+
+    def regrant(self, job: DeliveryJob, now: datetime) -> Regrant:
+        """The delivery worker's re-check: the stored request decided again against the rules of ``now``.
+
+        The whole decision runs again on the signed bytes, without the replay check (the jti is used
+        up by this very grant), with the trust store, kill switch, consent, limits and footage of this
+        moment. The request's own lifetime (``iat``/``exp``) is judged at the grant's instant: it was
+        acted on in time, and a delivery delayed by an outage or a restart is bounded by the job's
+        deadline instead. A grant the resident approved is not put to the resident again
+        (``approval = "auto"``); an immediate grant meets the approval rule of the moment, so a
+        resident who now approves each request stops it (``awaiting_resident``: by then the request
+        has usually expired, so it is refused rather than held).
+        """
+        assert job.raw is not None and job.granted_at is not None
+        return self._recheck(job.raw, now, jti=job.jti, request_time=job.granted_at,
+                             approval="auto" if job.approved else self.policy.approval)
+
+    def _recheck(self, raw: bytes, now: datetime, *, jti: str, request_time: datetime | None = None,
+                 approval: Literal["auto", "ask"] = "auto") -> Regrant:
+        """Decide ``raw`` again; refused (key revoked, consent withdrawn, limit reached, footage gone...) or a window."""
         trust = self.trust.get()
         if trust is None:
-            return "the trust store cannot be read"
-        policy = dataclasses.replace(self.policy, approval="auto")
-        d = decide(raw, trust=trust, policy=policy, state=_IgnoreSeen(self.state), now=now)
-        return None if d.reason is Reason.GRANTED else str(d.reason)
+            return Regrant("trust_store_unreadable")
+        policy = dataclasses.replace(self.policy, approval=approval)
+        d = decide(raw, trust=trust, policy=policy, state=_Regranting(self.state, jti), now=now, request_time=request_time)
+        if d.reason is not Reason.GRANTED or d.granted is None:
+            return Regrant(str(d.reason))
+        return Regrant(None, d.granted)
+
+    def _delivery_event(self, event: str, job: DeliveryJob, details: dict[str, Any]) -> None:
+        if self.delivery_events is not None:
+            self.delivery_events(event, job, details)
 
     def _logged(self, jti: str) -> bool:
         """Whether a decision that used up ``jti`` is on the record (step 12: refusals by checks 1-11 do not)."""
@@ -420,7 +577,7 @@ class RequestService:
 
     def _closing_event(self, jti: str) -> str | None:
         for e in self.accesslog.entries(jti=jti):
-            if e.outcome in ("delivered", "delivery_cut", "delivery_failed"):
+            if e.outcome in ("delivered", "delivery_cut", "delivery_failed", "delivery_refused"):
                 return e.outcome
         return None
 
@@ -437,150 +594,10 @@ class RequestService:
         for (reason, hour), n in pending.items():
             self.accesslog.count_rejection(reason, hour, count=n)
 
-    # ---- delivering
-
-    def _delivery_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                job = self._deliveries.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            try:
-                self.deliver(job)
-            except Exception:
-                log.exception("delivery of request %s failed", job.jti)
-                try:
-                    self._finish(job, "delivery_failed", reason="internal error")
-                except Exception:  # e.g. the disk is full: the job stays in the outbox for the next start
-                    log.exception("could not record the failed delivery of %s", job.jti)
-
-    def deliver(self, job: DeliveryJob) -> str:
-        """Cut, seal and publish one granted clip; returns how it ended."""
-        if self.killswitch.engaged:
-            return self._finish(job, "delivery_cut", chunks_sent=0, reason="kill switch engaged before the first chunk")
-        if not self.policy.consents_at(self.clock.now()):
-            return self._finish(job, "delivery_cut", chunks_sent=0, reason="consent withdrawn or ended")
-        sealed_state = self.outbox.sealed(job.jti)
-        clip_path = self.outbox.clip_path(job.jti)
-        info = None
-        if sealed_state is None or not clip_path.exists():
-            s_us, e_us = to_us(job.granted_start), to_us(job.granted_end)
-            try:
-                info = cut_clip(self.store.overlapping(s_us, e_us), s_us, e_us, clip_path)
-            except (NoFootageError, ClipError) as exc:
-                return self._finish(job, "delivery_failed", reason=f"footage no longer readable: {exc}")
-        # The clip is mapped, not read: a long clip must not cost its size in memory.
-        with open(clip_path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            clip = memoryview(mapped)
-            try:
-                if info is not None:
-                    sealed = seal_delivery(
-                        clip, jti=job.jti, recipient_jwk=job.recipient, device_key=self.device_key,
-                        granted=(job.granted_start, job.granted_end), frames=info.frames, width=info.width,
-                        height=info.height, log_seq=job.log_seq, log_hash=job.log_hash, now=self.clock.now(),
-                        delivery_id=job.delivery_id,
-                    )  # fmt: skip
-                    self.outbox.save_sealed(job.jti, sealed.resume_state())
-                else:
-                    assert sealed_state is not None
-                    sealed = resume_delivery(clip, sealed_state)
-                return self._publish(job, sealed)
-            finally:
-                sealed = None  # noqa: F841 - drop every view of the mapping before it is closed
-                clip.release()
-
-    def _publish(self, job: DeliveryJob, sealed: SealedDelivery) -> str:
-        """Publish the manifest and chunks with up to DELIVERY_WINDOW messages awaiting their PUBACK.
-
-        The kill switch is read before each chunk is handed to the network: once it is on, no
-        further chunk leaves. On a broker outage the unacknowledged messages are handed over
-        again, byte for byte, after reconnecting.
-        """
-        total = sealed.chunk_count
-        items = sealed.publications(self.root)
-        inflight: deque[_InFlight] = deque()
-        handed = acked = 0  # chunks (the manifest not counted)
-        deadline = time.monotonic() + self.delivery_give_up_s
-        exhausted = False
-        while True:
-            while not exhausted and len(inflight) < DELIVERY_WINDOW:
-                nxt = next(items, None)
-                if nxt is None:
-                    exhausted = True
-                    break
-                msg = _InFlight(*nxt)
-                if msg.is_chunk and self.delivery_events:
-                    self.delivery_events("handing", job, {"chunk": handed})
-                halted = self._halted(job, handed, total)
-                if halted:
-                    return halted
-                self._hand(msg)
-                inflight.append(msg)
-                if msg.is_chunk:
-                    handed += 1
-            if not inflight:
-                break
-            msg = inflight[0]
-            if self._acked(msg):
-                inflight.popleft()
-                if msg.is_chunk:
-                    acked += 1
-                if self.delivery_events:
-                    self.delivery_events("sent", job, {"topic": msg.topic, "chunks_sent": acked})
-                continue
-            # Not acknowledged yet: paho resends its in-flight messages itself after a reconnect,
-            # so keep waiting for the same message (never hand it over again: copies would pile up).
-            if msg.mid is None:
-                self._hand(msg)  # paho refused it outright (not connected at all): try again
-            halted = self._halted(job, handed, total)
-            if halted:
-                return halted
-            if time.monotonic() > deadline:
-                return self._finish(job, "delivery_failed", chunks_sent=acked, chunks=total,
-                                    reason="the broker did not accept the delivery")
-        size = self.outbox.clip_path(job.jti).stat().st_size
-        return self._finish(job, "delivered", chunks=total, bytes=size)
-
-    def _halted(self, job: DeliveryJob, handed: int, total: int) -> str | None:
-        """How the delivery ends here if the agent is stopping or the kill switch is on, else None."""
-        if self._stop.is_set():
-            log.info("stopping with delivery %s unfinished; it resumes at the next start", job.jti)
-            return "interrupted"
-        if self.killswitch.engaged:
-            log.warning("kill switch engaged: delivery of %s stopped after %d of %d chunks", job.jti, handed, total)
-            return self._finish(job, "delivery_cut", chunks_sent=handed, chunks=total)
-        return None
-
-    def _hand(self, msg: _InFlight) -> None:
-        handed = self.transport.publish_nowait(msg.topic, msg.payload, qos=1)
-        msg.mid = handed if isinstance(handed, int) else None
-
-    def _acked(self, msg: _InFlight) -> bool:
-        if msg.mid is None:
-            self.transport.wait_ready(timeout=ACK_POLL_S)
-            return False
-        outcome = self.transport.wait_published(msg.mid, timeout=ACK_POLL_S, abandon=False)
-        if not outcome.ok and outcome.reason_code is not None:  # the broker refused it: hand it over again
-            msg.mid = None
-        return outcome.ok
-
-    def _finish(self, job: DeliveryJob, event: str, **details: Any) -> str:
-        self.accesslog.append_event(job.jti, event, delivery_id=job.delivery_id, **details)
-        counter = {"delivered": "delivered", "delivery_cut": "delivery_cut"}.get(event, "delivery_failed")
-        setattr(self.counters, counter, getattr(self.counters, counter) + 1)
-        if event == "delivered":
-            log.info("request %s: delivered %s bytes in %s chunks", job.jti, details.get("bytes"), details.get("chunks"))
-        elif event == "delivery_failed":
-            log.warning("request %s: delivery failed (%s)", job.jti, details.get("reason"))
-        self.outbox.remove(job.jti)
-        if self.delivery_events:
-            self.delivery_events(event, job, details)
-        return event
-
     # ---- status
 
     def status(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"counters": self.counters.__dict__.copy(), "pending_deliveries": self._deliveries.qsize(),
+        out: dict[str, Any] = {"counters": self.counters.__dict__.copy(), "pending_deliveries": self.delivery.pending,
                                "transport": self.transport.status()}
         out["trust_store_error"] = self.trust.error
         return out
@@ -603,7 +620,7 @@ def start_service(cfg: AgentConfig) -> RequestService:
     # The session hangs on the client id; a new filter (moved camera, new precision) gets a fresh session.
     # The session file lets a fixed mqtt.client_id drop the old filter after a move (see MqttTransport).
     transport = MqttTransport(mqtt_cfg, lat=policy.location.lat, lon=policy.location.lon,
-                              client_id=default_client_id(key.kid, subscription),
+                              client_id=default_client_id(key.kid, subscription, key.client_id_secret()),
                               session_file=cfg.paths.data_dir / MQTT_SESSION_FILE)
     log.info("listening for requests on %s:%d, topic %s", mqtt_cfg.host, mqtt_cfg.port, transport.subscription)
     svc = RequestService(cfg, transport=transport, device_key=key)

@@ -1,9 +1,12 @@
 """The agent's MQTT 5 link to the broker (protocol section 2): requests in, deliveries out.
 
 One :class:`MqttTransport` owns one paho-mqtt client. paho's network thread
-only runs the callbacks below, and they only count, check a size and enqueue;
-the agent's worker takes messages with :meth:`MqttTransport.get`, decides,
-records, and then calls :meth:`MqttTransport.ack`.
+only runs the callbacks below, and they only count, check a size and stage the
+message in memory; the transport's writer thread group-commits staged messages
+to the durable inbox (:mod:`agent.state.inbox`) and only then acknowledges them;
+the agent's worker takes messages from the inbox in arrival order with
+:meth:`MqttTransport.get`, decides, records, and then calls
+:meth:`MqttTransport.ack`, which lets the inbox forget the message.
 
 Choices, and why:
 
@@ -25,55 +28,72 @@ Choices, and why:
   counts as ready: a moved camera stops hearing its old cell. The default
   client id (:func:`default_client_id`) includes a hash of the filter, so a
   changed filter starts a fresh session anyway.
-- **Acknowledge after recording** (paho ``manual_ack``): the PUBACK for a
-  request is sent only when the worker calls :meth:`ack`, after it has decided
-  the request and durably recorded it (replay memory, access log, pending
-  approval). If the agent dies in between, the broker keeps the message in
-  the session and delivers it again (DUP) on reconnect; the replay memory
-  turns the second copy into a duplicate. An ack is sent only on the
-  connection that delivered the message (packet ids are per connection): a
-  message delivered on an earlier connection is redelivered by the broker
-  and acknowledged then. Messages the transport drops itself (oversize, full
-  queue) are acknowledged at once, so they cannot pin the broker's in-flight
-  window.
-- **Flow control**: the CONNECT carries Receive Maximum (by default a quarter
-  of the queue size), so the broker keeps at most that many unacknowledged
-  requests in flight to us; a flood waits in the broker, not in our memory.
-  The margin is there because Mosquitto before 2.0.13 (Debian 12 ships
-  2.0.11) does not keep to it once messages are acknowledged: each PUBACK
-  for the oldest message in flight lets up to Receive Maximum more out
-  (eclipse/mosquitto#2306, fixed in 2.0.13), so a worker acknowledging a
-  long flood one by one can be sent many more than it asked for. The queue
-  is therefore still bounded and drops (and counts) when full, never
-  blocking the network thread.
+- **Acknowledge once it is on disk** (paho ``manual_ack``): the PUBACK for a
+  request is sent only after the writer thread has committed it to the
+  durable inbox, so a crash never loses a request the broker considers
+  delivered: at the next start the worker decides what the inbox still holds
+  (and a copy the broker redelivers meanwhile is a duplicate). The worker's
+  :meth:`ack` comes after the decision is durably recorded (replay memory,
+  access log, pending approval) and only then is the message forgotten.
+  A PUBACK goes out only on the connection that delivered the message
+  (packet ids are per connection): one delivered on an earlier connection is
+  redelivered by the broker, stored again and decided again (harmless: a
+  second copy of a request whose jti is used up is a duplicate).
+- **No request is lost to a flood.** paho's network thread never waits on a
+  disk: it appends to an in-memory stage that the writer empties in one
+  transaction per batch (group commit), so thousands of messages a second
+  cost a few hundred fsyncs. Receive Maximum (64 by default) on the CONNECT
+  still bounds what the broker sends ahead of our PUBACKs; Mosquitto before
+  2.0.13 (Debian 12 ships 2.0.11) overshoots it (eclipse/mosquitto#2306),
+  which the stage absorbs. The stage is bounded too: if the disk stops taking
+  messages, the network thread waits for room (briefly), then leaves further
+  messages unacknowledged with the broker, which offers them again after a
+  reconnect (``inbox_unwritable``). Only when the inbox itself holds its bound
+  are messages dropped, acknowledged so they cannot pin the broker's in-flight
+  window, and counted (``inbox_full``, shown by ``doorbell-agent status``).
 - **Size limit**: payloads over 16384 bytes are counted as ``oversize`` and
-  dropped before anything looks inside them. paho does not enforce the
-  Maximum Packet Size we advertise, so the check is ours; the advertised
-  limit (:data:`MAX_PACKET_BYTES`) asks the broker not to send much larger
-  packets at all (those are then dropped by the broker and never counted).
+  dropped before anything looks inside them. We advertise a Maximum Packet
+  Size (:data:`MAX_PACKET_BYTES`), and a conforming broker never sends more;
+  paho itself would read a packet of any size (up to 256 MiB) into memory
+  before looking at it, so :class:`_BoundedClient` checks the length as soon
+  as it is decoded and drops the connection (``packet_too_large``) before a
+  byte of a larger packet's body is read: a hostile broker costs at most
+  about the advertised size in memory.
 - **Publishing** (:meth:`publish`) waits for the PUBACK and returns ``False``
   on a refusal reason code (e.g. "Not authorized") or on timeout. A message
-  that timed out stays in paho's session queue and may still go out after
-  a reconnect; a requester discards an incomplete delivery, so a delivery
-  that failed is simply abandoned.
+  is handed to paho only while connected (:meth:`publish_nowait`), never
+  queued for a later connection, and one given up on is withdrawn
+  (:meth:`withdraw`, :mod:`agent.sharing.outgoing`): paho forgets it and
+  drops its packet if no byte of it was written yet, so nothing the agent
+  gave up on (a delivery the kill switch stopped) leaves after a reconnect.
+  paho still resends, after a reconnect, what is in flight and not given up.
 - **Reconnect** with exponential backoff (paho ``reconnect_delay_set`` and its
   network thread), 1 s doubling to 60 s; never a busy loop.
 """
 
 from __future__ import annotations
 
+import array
+import fcntl
 import hashlib
+import hmac
 import json
 import logging
-import queue
+import shutil
 import socket
 import ssl
+import struct
 import sys
+import tempfile
+import termios
 import threading
-from collections.abc import Callable
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +108,9 @@ from agent.config import MqttConfig
 from agent.errors import UserError
 from agent.fsutil import write_atomically
 from agent.protocol import geohash
+from agent.sharing.outgoing import Recall, RecallableClient
+from agent.state.inbox import Inbox, InboxMessage
+from agent.timeutil import from_us, to_us
 
 log = logging.getLogger("agent.sharing.transport")
 
@@ -97,14 +120,38 @@ MAX_REQUEST_BYTES = 16384
 MAX_PACKET_BYTES = MAX_REQUEST_BYTES + 4096
 """Advertised Maximum Packet Size: a full request plus room for topic and properties."""
 
-DEFAULT_QUEUE_SIZE = 256
+DEFAULT_RECEIVE_MAXIMUM = 1024
+"""Messages the broker may send ahead of our PUBACKs (which follow the inbox's group commit).
+
+Large on purpose: what the broker cannot send us waits in its per-client queue, which Mosquitto
+caps (``max_queued_messages``, 1000) by dropping, so a flood must flow into our inbox rather than
+wait there. Memory stays bounded by the stage (:data:`STAGE_MAX_MESSAGES`, :data:`STAGE_MAX_BYTES`):
+when it is full, paho's thread stops reading and TCP holds the broker back."""
+
+STAGE_MAX_MESSAGES = 4096
+STAGE_MAX_BYTES = 8 * 1024 * 1024
+"""What paho's thread may hold in memory for the writer: far more than a sound disk ever lets pile up."""
+STAGE_WAIT_S = 10.0
+"""How long paho's thread waits for room on the stage before leaving messages with the broker."""
+READ_AHEAD = 64
+"""Messages the worker reads from the inbox at once."""
+FORGET_BATCH = 256
+FORGET_AFTER_S = 0.5
+"""Decided messages are forgotten with the next batch of new ones, or once this many are done, or
+this long after the first: a flood then costs one commit per batch, not one per decision."""
+INBOX_RETRY_S = 1.0
+"""Pause before the writer tries a failed inbox commit again."""
 
 COUNTER_NAMES = (
-    "received",  # enqueued for the worker
+    "received",  # committed to the inbox (and then acknowledged to the broker)
     "oversize",  # payload > 16384 bytes, dropped unread
-    "queue_full",  # dropped because the worker was behind
-    "acked",  # PUBACKs sent for requests the worker finished
-    "ack_skipped",  # finished on a later connection; the broker redelivers it
+    "packet_too_large",  # a packet over our Maximum Packet Size: connection dropped before its body was read
+    "inbox_full",  # dropped (and acknowledged): the inbox held its bound
+    "inbox_unwritable",  # not acknowledged: the disk took nothing for STAGE_WAIT_S; the broker offers it again
+    "inbox_errors",  # inbox commits that failed and were retried
+    "acked",  # PUBACKs sent for requests safe in the inbox
+    "ack_skipped",  # stored after the delivering connection was gone; the broker redelivers it
+    "done",  # decided, durably recorded and forgotten by the inbox
     "callback_errors",  # a bug in a callback, caught so the network thread lives on
     "connects",
     "connect_failures",  # TCP/TLS failures and CONNACK refusals
@@ -137,7 +184,21 @@ class IncomingMessage:
     expiry_s: int | None
     """Message Expiry Interval left when the broker forwarded it, if the requester set one."""
     generation: int
-    """Which connection delivered it; :meth:`MqttTransport.ack` only answers on that one."""
+    """Which connection delivered it; its PUBACK goes out only on that one."""
+    inbox_id: int = 0
+    """Its place in the inbox, once stored; :meth:`MqttTransport.get` only hands out stored messages."""
+
+
+def _stored_form(msg: IncomingMessage) -> InboxMessage:
+    return InboxMessage(topic=msg.topic, payload=msg.payload, received_us=to_us(msg.received_at), qos=msg.qos,
+                        dup=msg.dup, retain=msg.retain, expiry_s=msg.expiry_s)
+
+
+def _incoming(row: InboxMessage) -> IncomingMessage:
+    """A stored message as the worker sees it; ``mid`` and ``generation`` belonged to a connection long done with it."""
+    return IncomingMessage(topic=row.topic, payload=row.payload, received_at=from_us(row.received_us), qos=row.qos,
+                           mid=0, dup=row.dup, retain=row.retain, expiry_s=row.expiry_s, generation=0,
+                           inbox_id=row.id)
 
 
 @dataclass(frozen=True)
@@ -157,15 +218,141 @@ class TransportEvent:
     detail: str
 
 
-def default_client_id(device_kid: str, subscription: str = "") -> str:
-    """A client id that survives restarts (the persistent session hangs on it) without naming the home.
+CLIENT_ID_TAG_CHARS = 16
+"""Hex digits of secret in the default client id: 64 bits, far beyond guessing at a broker."""
 
-    ``subscription`` (the filter) is folded in as a short hash, so moving the
-    camera or changing the precision gets a new session rather than one still
-    subscribed to the old cell.
+
+def default_client_id(device_kid: str, subscription: str, secret: bytes) -> str:
+    """A client id that survives restarts (the persistent session hangs on it), names no home, and cannot be guessed.
+
+    On a broker that does not tie client ids to credentials, whoever connects with the agent's
+    client id takes over its session and can acknowledge its requests unseen. The device kid is
+    public (every manifest carries it) and the filter follows from the request area, so both
+    only go in through an HMAC under ``secret``, which only this device holds
+    (:meth:`agent.state.devicekey.DeviceKey.client_id_secret`). The filter is still folded in,
+    so moving the camera or changing the precision gets a new session rather than one still
+    subscribed to the old cell. The kid's first characters only help a broker's operator tell
+    devices apart. At most 32 characters.
     """
-    suffix = hashlib.sha256(subscription.encode("utf-8")).hexdigest()[:6] if subscription else ""
-    return "doorbell-" + device_kid[:16] + ("-" + suffix if suffix else "")
+    if len(secret) < 16:
+        raise ValueError("the client id secret must be at least 16 bytes")
+    tag = hmac.new(secret, b"mqtt-client-id\x00" + subscription.encode("utf-8"), hashlib.sha256).hexdigest()
+    return f"doorbell-{device_kid[:6]}-{tag[:CLIENT_ID_TAG_CHARS]}"
+
+
+class PacketTooLarge(OSError):
+    """The broker started a packet larger than the Maximum Packet Size we advertised."""
+
+
+_PUBACK = struct.Struct("!BBH")  # PUBACK, remaining length 2, packet id: success, no properties
+READ_CHUNK = 65536
+"""Bytes taken from the socket at once; the packets in them are then parsed without letting go of the GIL."""
+
+
+class _BoundedClient(mqtt.Client):
+    """paho's client with two changes to how it reads: bounded packets, and buffered reads.
+
+    **Bounded.** paho reads a packet's remaining length and then the whole body (up to 256 MiB)
+    into memory before anything looks at it; a hostile broker could make us hold hundreds of MiB.
+    Every read goes through ``_sock_recv``, and by the time paho asks for the first byte of a body
+    its remaining length is fully decoded: a packet larger than the Maximum Packet Size we
+    advertised is refused there, before a byte of its body is handed over, and the OSError makes
+    paho treat the connection as lost (it closes the socket and reconnects with backoff). At most
+    one read buffer (:data:`READ_CHUNK`) of it is ever in memory.
+
+    **Buffered.** paho reads a packet with several socket calls (one byte for the type, one per
+    length byte, then the body) and parses only one packet per wake-up of its loop. Each socket
+    call releases the GIL, and under load (the decision worker, the recorder) getting it back can
+    take up to the interpreter's switch interval: during a flood paho's thread then read a few
+    thousand messages a second at most, and the broker dropped the rest from its queue for us.
+    Here one socket call takes up to :data:`READ_CHUNK` bytes, later calls are served from that
+    buffer, and :meth:`loop_read` parses every complete packet already buffered before paho waits
+    on the socket again (data left in the buffer is invisible to its ``select``).
+
+    **A lean PUBLISH.** paho builds and clears a ``Properties`` object for every MQTT 5 PUBLISH,
+    walking every property name with string operations: most of its cost per message. A QoS 0 or
+    1 PUBLISH whose property section is empty (junk in a flood usually is) is decoded here without
+    one; anything else (properties, QoS 2, lengths that do not add up) goes to paho's own decoder.
+
+    Relies on paho 2.x internals (``_in_packet``, ``_sock``, ``_sock_recv``, ``_packet_read``,
+    ``_loop_rc_handle``, ``_handle_publish``, ``_handle_on_message``, ``_manual_ack``);
+    tests/test_intake_faults.py (a hostile broker) and tests/test_transport.py (floods and
+    properties on the real broker) check them.
+    """
+
+    max_incoming_packet: int = MAX_PACKET_BYTES
+    on_packet_too_large: Callable[[int], None] | None = None
+    _rbuf: bytes = b""
+    _rbuf_pos: int = 0
+    _rbuf_sock: object = None
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        pkt = self._in_packet
+        if pkt["have_remaining"]:
+            size = 1 + len(pkt["remaining_count"]) + pkt["remaining_length"]
+            if size > self.max_incoming_packet:
+                if self.on_packet_too_large is not None:
+                    self.on_packet_too_large(size)
+                self._rbuf, self._rbuf_pos = b"", 0
+                raise PacketTooLarge(f"the broker sent a packet of {size} bytes; at most {self.max_incoming_packet} were agreed")
+        if self._rbuf_sock is not self._sock:  # a new connection: nothing buffered from the old one counts
+            self._rbuf, self._rbuf_pos, self._rbuf_sock = b"", 0, self._sock
+        if self._rbuf_pos >= len(self._rbuf):
+            self._rbuf, self._rbuf_pos = super()._sock_recv(max(bufsize, READ_CHUNK)), 0  # raises BlockingIOError if none
+            if not self._rbuf:
+                return b""  # the broker closed the connection
+        start = self._rbuf_pos
+        self._rbuf_pos = min(len(self._rbuf), start + bufsize)
+        return self._rbuf[start:self._rbuf_pos]
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        header, packet = self._in_packet["command"], self._in_packet["packet"]
+        qos = (header & 0x06) >> 1
+        n = len(packet)
+        if qos > 1 or n < 3:
+            return super()._handle_publish()
+        topic_end = 2 + int.from_bytes(packet[0:2], "big")
+        props_at = topic_end + (2 if qos else 0)
+        if props_at >= n or packet[props_at] != 0 or topic_end == 2:
+            return super()._handle_publish()  # properties, an empty topic (alias) or a short packet: paho decides
+        mid = int.from_bytes(packet[topic_end:props_at], "big") if qos else 0
+        message = mqtt.MQTTMessage(mid=mid, topic=bytes(packet[2:topic_end]))
+        message.dup = bool(header & 0x08)
+        message.qos = qos
+        message.retain = bool(header & 0x01)
+        message.payload = bytes(packet[props_at + 1:])
+        message.timestamp = time.monotonic()
+        self._handle_on_message(message)
+        if qos == 1 and not self._manual_ack:
+            return self._send_puback(mid)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def ack_many(self, mids: Sequence[int]) -> MQTTErrorCode:
+        """PUBACK (success) for these QoS 1 messages, as one write.
+
+        paho's ``ack`` queues one packet per message, each a wake-up of the network thread, a TLS
+        record and a ``send``: thousands a second during a flood. An MQTT 5 PUBACK without a reason
+        code is four bytes; the inbox writer acknowledges a whole commit's worth at once.
+        """
+        if not mids:
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        packet = b"".join(_PUBACK.pack(0x40, 2, mid) for mid in mids)
+        return self._packet_queue(0x40, packet, 0, 0)
+
+    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+        rc = super().loop_read(max_packets)
+        while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._sock is not None and self._rbuf_pos < len(self._rbuf):
+            rc = self._packet_read()
+            if rc > 0:
+                return self._loop_rc_handle(rc)
+            if rc == MQTTErrorCode.MQTT_ERR_AGAIN:  # a partial packet: the rest comes with the next read
+                return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return rc
+
+
+class _AgentClient(_BoundedClient, RecallableClient):
+    """The agent's paho client: incoming packets bounded in size (:class:`_BoundedClient`), outgoing
+    delivery messages handed over only while connected and recallable (:class:`RecallableClient`)."""
 
 
 def describe_connect_error(exc: BaseException | None, cfg: MqttConfig) -> str:
@@ -217,12 +404,14 @@ def tls_context(cfg: MqttConfig) -> ssl.SSLContext:
 
 
 class MqttTransport:
-    """Requests in (bounded queue, acked after recording), deliveries out (wait for PUBACK).
+    """Requests in (durable inbox, acked once stored), deliveries out (wait for PUBACK).
 
     Typical use by the service::
 
         flt = geohash.subscription_filter(cfg.mqtt.root, loc.lat, loc.lon, cfg.mqtt.precision)
-        t = MqttTransport(cfg.mqtt, lat=loc.lat, lon=loc.lon, client_id=default_client_id(key.kid, flt))
+        t = MqttTransport(cfg.mqtt, lat=loc.lat, lon=loc.lon,
+                          client_id=default_client_id(key.kid, flt, key.client_id_secret()),
+                          inbox=data_dir / "inbox.sqlite")
         t.start()
         while running:
             msg = t.get(timeout=1.0)
@@ -240,8 +429,8 @@ class MqttTransport:
         lat: float,
         lon: float,
         client_id: str | None = None,
-        queue_size: int = DEFAULT_QUEUE_SIZE,
-        receive_maximum: int | None = None,
+        inbox: Inbox | Path | None = None,
+        receive_maximum: int = DEFAULT_RECEIVE_MAXIMUM,
         on_event: Callable[[TransportEvent], None] | None = None,
         on_dropped: Callable[[str, IncomingMessage | None], None] | None = None,
         reconnect_min_s: int = 1,
@@ -250,20 +439,27 @@ class MqttTransport:
     ) -> None:
         """``session_file`` remembers which filters the broker's session for this client id holds
         (JSON, 0600), so that a later transport with another filter can unsubscribe the old ones.
-        Without it only this transport's own reconnects are covered."""
+        Without it only this transport's own reconnects are covered.
+
+        ``inbox`` is where received messages wait for their decision (an :class:`Inbox` or the path
+        of its database); the transport closes it when it stops. Without one (see
+        :meth:`use_inbox`) the transport keeps its inbox in a private temporary folder that is
+        removed at :meth:`stop`: fine for tools and tests, but it does not outlive the process."""
         if not config.tls and not config.allow_plaintext:
             raise UserError("mqtt.tls = false needs mqtt.allow_plaintext = true; refusing an unencrypted broker link")
         cid = config.client_id or client_id
         if not cid:
             raise UserError("no MQTT client id: set mqtt.client_id, or let the agent derive one from its device key")
-        if queue_size < 1:
-            raise ValueError("queue_size must be at least 1")
+        if not 1 <= receive_maximum <= 65535:
+            raise ValueError("receive_maximum must be 1 to 65535")
         self.config = config
         self.client_id = cid
         self.subscription = geohash.subscription_filter(config.root, lat, lon, config.precision)
         self.plaintext = not config.tls
-        self._queue: queue.Queue[IncomingMessage] = queue.Queue(maxsize=queue_size)
-        self._receive_maximum = min(65535, receive_maximum or max(1, queue_size // 4))
+        self._inbox: Inbox | None = None
+        self._inbox_path: Path | None = None
+        self._own_inbox_dir: Path | None = None
+        self._receive_maximum = receive_maximum
         self._on_event = on_event
         self.on_dropped = on_dropped
         self._ssl = None if self.plaintext else tls_context(config)
@@ -283,8 +479,29 @@ class MqttTransport:
         self.session_file = session_file
         self._session_filters = self._load_session_filters()
         self._acks: dict[int, ReasonCode] = {}
-        self._abandoned: set[int] = set()
         self._client: mqtt.Client | None = None
+        # Receiving: paho's thread stages, the writer stores and acknowledges, the worker reads.
+        self._work = threading.Condition(self._lock)  # wakes the writer: something staged or done
+        self._staged: deque[IncomingMessage] = deque()
+        self._staged_bytes = 0  # staged or being written: room on the stage frees only once stored
+        self._staged_count = 0
+        self._done: list[int] = []
+        self._stored = 0  # bumped after every commit that stored something: wakes get()
+        self._writer: threading.Thread | None = None
+        self._writer_stopping = False
+        self._ahead: deque[IncomingMessage] = deque()  # read from the inbox, not yet handed out (worker only)
+        self._last_id = 0
+        if inbox is not None:
+            self.use_inbox(inbox)
+
+    def use_inbox(self, inbox: Inbox | Path) -> None:
+        """Where received messages wait for their decision; set before :meth:`start`."""
+        if self._state is not ConnectionState.NEW:
+            raise RuntimeError("the inbox is chosen before the transport starts")
+        if isinstance(inbox, Inbox):
+            self._inbox, self._inbox_path = inbox, None
+        else:
+            self._inbox, self._inbox_path = None, Path(inbox)
 
     # ----- lifecycle ---------------------------------------------------------------
 
@@ -294,9 +511,13 @@ class MqttTransport:
             if self._state is not ConnectionState.NEW:
                 raise RuntimeError("a transport starts once; make a new one")
             self._state = ConnectionState.CONNECTING
-        c = mqtt.Client(
+        self._open_inbox()
+        self._writer = threading.Thread(target=self._write_loop, name="doorbell-inbox", daemon=True)
+        self._writer.start()
+        c = _AgentClient(
             CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5, manual_ack=True
         )
+        c.on_packet_too_large = self._packet_too_large
         if self._ssl is not None:
             c.tls_set_context(self._ssl)
         if self.config.username is not None:
@@ -327,18 +548,47 @@ class MqttTransport:
             log.warning("the broker link is NOT encrypted (mqtt.tls = false, mqtt.allow_plaintext = true)")
 
     def stop(self) -> None:
-        """Disconnect cleanly (the broker keeps the session) and join the network thread."""
+        """Disconnect cleanly (the broker keeps the session), join the network and writer threads, close the inbox.
+
+        The writer first stores what the worker finished and sends the PUBACKs it owes, so they go
+        out before the DISCONNECT; messages still on the stage are left unacknowledged with the
+        broker, which offers them again to the next session.
+        """
         c = self._client
         with self._lock:
             if self._state is ConnectionState.STOPPED:
                 return
+            was_started = self._state is not ConnectionState.NEW
             self._state = ConnectionState.STOPPED
             self._ready = False
+            self._writer_stopping = True
             self._changed.notify_all()
+            self._work.notify_all()
+        if self._writer is not None:
+            self._writer.join(timeout=30)
         if c is not None:
             c.disconnect()
             c.loop_stop()
+        if was_started:
+            self._close_inbox()
         self._emit("stopped")
+
+    def _open_inbox(self) -> None:
+        if self._inbox is not None:
+            return
+        if self._inbox_path is None:
+            # No inbox chosen: a private one for this process (tools, tests); the agent's service gives it data_dir's.
+            self._own_inbox_dir = Path(tempfile.mkdtemp(prefix="doorbell-inbox-"))
+            self._inbox_path = self._own_inbox_dir / "inbox.sqlite"
+        self._inbox = Inbox(self._inbox_path)
+        if self._inbox.messages:
+            log.info("%d message(s) received before the last stop wait in the inbox for a decision", self._inbox.messages)
+
+    def _close_inbox(self) -> None:
+        if self._inbox is not None:
+            self._inbox.close()
+        if self._own_inbox_dir is not None:
+            shutil.rmtree(self._own_inbox_dir, ignore_errors=True)
 
     def __enter__(self) -> MqttTransport:
         self.start()
@@ -350,29 +600,67 @@ class MqttTransport:
     # ----- for the worker ----------------------------------------------------------------
 
     def get(self, timeout: float | None = None) -> IncomingMessage | None:
-        """The next request, or ``None`` after ``timeout`` seconds."""
+        """The oldest stored message not yet handed out, or ``None`` after ``timeout`` seconds.
+
+        For one worker thread. Messages come from the inbox in arrival order, including those a
+        previous run stored but never finished (decided first, at the next start). A message that
+        is handed out and never :meth:`ack`-ed stays in the inbox until the next start.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._ahead:
+                return self._ahead.popleft()
+            with self._lock:
+                if self._state is ConnectionState.STOPPED or self._inbox is None:
+                    return None
+                stored = self._stored
+                inbox = self._inbox
+            rows = inbox.after(self._last_id, READ_AHEAD)
+            if rows:
+                self._last_id = rows[-1].id
+                self._ahead.extend(_incoming(r) for r in rows)
+                continue
+            with self._work:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                self._work.wait_for(partial(self._stored_since, stored), timeout=left)
+
+    def unread_bytes(self) -> int:
+        """Bytes the broker sent that paho has not read yet (kernel and TLS buffers): > 0 means it is behind.
+
+        For the decision worker, which steps aside while paho catches up (see the service's pacing).
+        Any error (no connection, a socket closing meanwhile) reads as 0.
+        """
+        c = self._client
+        sock = c.socket() if c is not None else None
+        if sock is None:
+            return 0
         try:
-            return self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
+            waiting = array.array("i", [0])
+            fcntl.ioctl(sock.fileno(), termios.FIONREAD, waiting, True)
+            pending = sock.pending() if isinstance(sock, ssl.SSLSocket) else 0
+            return int(waiting[0]) + pending
+        except (OSError, ValueError):
+            return 0
+
+    def _stored_since(self, seen: int) -> bool:
+        return self._stored != seen or self._state is ConnectionState.STOPPED
 
     def ack(self, msg: IncomingMessage) -> bool:
-        """Tell the broker this request is dealt with; call it after the decision is recorded.
+        """This message is dealt with: call it once its decision is durably recorded.
 
-        Returns False (and the broker will redeliver it) if the connection that
-        delivered it is gone.
+        The broker already has its PUBACK (sent when the message was stored); this lets the inbox
+        forget it, in the writer's next batch. Always True.
         """
-        if msg.qos == 0:
-            return True
-        with self._lock:
-            c = self._client
-            if c is None or msg.generation != self._generation or self._state is not ConnectionState.CONNECTED:
-                self._counters["ack_skipped"] += 1
-                return False
-            rc = c.ack(msg.mid, msg.qos)
-            ok = rc == MQTTErrorCode.MQTT_ERR_SUCCESS
-            self._counters["acked" if ok else "ack_skipped"] += 1
-            return ok
+        with self._work:
+            if msg.inbox_id > 0:
+                self._done.append(msg.inbox_id)
+                if len(self._done) in (1, FORGET_BATCH):  # the writer waits for the first, then for a batch
+                    self._work.notify_all()
+            self._counters["done"] += 1
+            self._changed.notify_all()
+        return True
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, timeout: float = 30.0,
                 *, expiry_s: int | None = None) -> bool:
@@ -381,31 +669,48 @@ class MqttTransport:
 
     def publish_outcome(self, topic: str, payload: bytes, qos: int = 1, timeout: float = 30.0,
                         *, expiry_s: int | None = None) -> PublishOutcome:
-        """:meth:`publish` with the reason, for logs and tests."""
+        """:meth:`publish` with the reason, for logs and tests.
+
+        Waits (within ``timeout``) for a connection before handing the message over: nothing is
+        queued for a connection that does not exist yet.
+        """
+        deadline = time.monotonic() + timeout
+        self.wait_connected(timeout)
         handed = self.publish_nowait(topic, payload, qos=qos, expiry_s=expiry_s)
         if isinstance(handed, PublishOutcome):
+            if self._state is not ConnectionState.STOPPED and not self.connected:
+                return PublishOutcome(False, f"no PUBACK within {timeout:g} s (not connected to the broker)")
             return handed
-        return self.wait_published(handed, timeout)
+        return self.wait_published(handed, max(0.0, deadline - time.monotonic()))
 
     def publish_nowait(self, topic: str, payload: bytes, qos: int = 1,
                        *, expiry_s: int | None = None) -> int | PublishOutcome:
         """Hand a message to paho without waiting: its message id for :meth:`wait_published`, or a failure.
 
-        Lets a delivery keep a few chunks in flight instead of one round trip per chunk.
+        Lets a delivery keep a few chunks in flight instead of one round trip per chunk. Only
+        while connected (the broker accepted our CONNECT): otherwise nothing is handed over and
+        the failure says so, because paho would keep the message and send it by itself after a
+        reconnect, ahead of whatever the caller decides meanwhile (the kill switch, a manifest
+        that must go first). Taken back with :meth:`withdraw`.
         """
         c = self._client
         if c is None or self._state is ConnectionState.STOPPED:
             return self._publish_failed("the transport is not running")
         if qos not in (1, 2):
             raise ValueError("deliveries are published with QoS 1 (or 2); QoS 0 has no acknowledgement to wait for")
+        assert isinstance(c, RecallableClient)
         props = Properties(PacketTypes.PUBLISH)
         if expiry_s is not None:
             props.MessageExpiryInterval = expiry_s
         try:
-            info = c.publish(topic, payload, qos=qos, properties=props)
+            info = c.publish_if_connected(topic, payload, qos=qos, properties=props,
+                                          connected=lambda: self._state is ConnectionState.CONNECTED)
         except ValueError as exc:
             return self._publish_failed(f"cannot publish to {topic!r}: {exc}")
-        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+        if info is None:
+            return self._publish_failed("not connected to the broker; nothing was handed over")
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            c.withdraw([info.mid])
             return self._publish_failed(f"paho refused the message: {mqtt.error_string(info.rc)}")
         return info.mid
 
@@ -413,16 +718,22 @@ class MqttTransport:
         """Wait for the PUBACK of a message handed over by :meth:`publish_nowait`.
 
         ``abandon=False`` keeps listening for a late PUBACK, for a caller that will wait again
-        (paho resends unacknowledged messages after a reconnect under the same id).
+        (paho resends unacknowledged messages after a reconnect under the same id). Otherwise a
+        message not acknowledged in time is withdrawn (:meth:`withdraw`): it is not sent again,
+        though what was already written to the network may still arrive.
         """
         with self._changed:
             self._changed.wait_for(
                 lambda: mid in self._acks or self._state is ConnectionState.STOPPED, timeout=timeout
             )
-            if mid not in self._acks:
-                if not abandon and self._state is not ConnectionState.STOPPED:
-                    return PublishOutcome(False, f"no PUBACK yet after {timeout:g} s")
-                self._abandoned.add(mid)  # a late PUBACK must not be mistaken for a later message's
+            acked = mid in self._acks
+            if not acked and not abandon and self._state is not ConnectionState.STOPPED:
+                return PublishOutcome(False, f"no PUBACK yet after {timeout:g} s")
+        if not acked:
+            # Outside our lock: paho's thread takes its message lock before ours (on_publish).
+            if self.withdraw([mid]).get(mid) is Recall.ACKED:
+                return self.wait_published(mid, 0.0, abandon=abandon)  # the PUBACK came in just now
+            with self._changed:
                 self._counters["publish_failed"] += 1
                 if self._state is ConnectionState.STOPPED:
                     why = "the transport was stopped before the broker acknowledged it"
@@ -430,13 +741,39 @@ class MqttTransport:
                     why = f"no PUBACK within {timeout:g} s"
                 else:
                     why = f"no PUBACK within {timeout:g} s (not connected to the broker)"
-                return PublishOutcome(False, why)
+            return PublishOutcome(False, why)
+        with self._changed:
             rc = self._acks.pop(mid)
             if rc.is_failure:
                 self._counters["publish_failed"] += 1
                 return PublishOutcome(False, str(rc), rc.value)
             self._counters["published"] += 1
             return PublishOutcome(True, str(rc), rc.value)
+
+    def withdraw(self, mids: list[int]) -> dict[int, Recall]:
+        """Take back messages handed over by :meth:`publish_nowait` and not yet acknowledged.
+
+        paho forgets them (they are never sent again, not even after a reconnect) and their
+        packets leave the socket queue if not a byte of them was written. For each: ``ACKED`` (the
+        broker accepted it before it could be taken back), ``ON_WIRE`` (at least partly written to
+        the network: it may reach the broker) or ``WITHDRAWN`` (it never left this process). A
+        message the broker refused with a failure reason code counts as ``WITHDRAWN``: nobody
+        received it. Never call this while holding the transport's lock.
+        """
+        c = self._client
+        if c is None or not mids:
+            return {mid: Recall.WITHDRAWN for mid in mids}
+        assert isinstance(c, RecallableClient)
+        result = c.withdraw(mids)
+        with self._changed:
+            for mid, what in result.items():
+                if what is Recall.ACKED:
+                    rc = self._acks.get(mid)
+                    if rc is not None and rc.is_failure:
+                        self._acks.pop(mid, None)
+                        result[mid] = Recall.WITHDRAWN
+            self._changed.notify_all()
+        return result
 
     def _publish_failed(self, reason: str) -> PublishOutcome:
         with self._lock:
@@ -464,7 +801,11 @@ class MqttTransport:
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize()
+        """Messages received and not yet decided: on the stage, or in the inbox."""
+        with self._lock:
+            staged, forgetting = self._staged_count, len(self._done)
+            inbox = self._inbox
+        return staged + (inbox.messages if inbox is not None else 0) - forgetting
 
     def counters(self) -> dict[str, int]:
         with self._lock:
@@ -482,7 +823,9 @@ class MqttTransport:
                 "subscription": self.subscription,
                 "session_present": self._session_present,
                 "last_error": self._last_error,
-                "queued": self._queue.qsize(),
+                "queued": self._staged_count + (self._inbox.messages if self._inbox is not None else 0) - len(self._done),
+                "inbox": self._inbox.status() if self._inbox is not None else None,
+                "receive_maximum": self._receive_maximum,
                 "counters": dict(self._counters),
             }
 
@@ -494,7 +837,22 @@ class MqttTransport:
     def wait_ready(self, timeout: float) -> bool:
         return self.wait_until(lambda t: t._ready, timeout)
 
-    # ----- paho callbacks (network thread): count, check, enqueue; nothing slow ------------
+    @property
+    def connected(self) -> bool:
+        """The broker accepted our CONNECT on the current connection: outgoing messages may be handed over."""
+        return self._state is ConnectionState.CONNECTED
+
+    @property
+    def generation(self) -> int:
+        """Counts accepted connections: a change tells a long delivery that the link was lost and regained."""
+        return self._generation
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Block until :attr:`connected` (or the transport stops), at most ``timeout`` seconds."""
+        return self.wait_until(lambda t: t._state in (ConnectionState.CONNECTED, ConnectionState.STOPPED), timeout) \
+            and self.connected
+
+    # ----- paho callbacks (network thread): count, check, stage; nothing slow --------------
 
     def _emit(self, detail: str) -> None:
         if self._on_event is not None:
@@ -671,7 +1029,7 @@ class MqttTransport:
         item = IncomingMessage(
             topic=topic,
             payload=bytes(message.payload),
-            received_at=datetime.now(timezone.utc),
+            received_at=datetime.now(UTC),
             qos=message.qos,
             mid=message.mid,
             dup=bool(message.dup),
@@ -679,14 +1037,30 @@ class MqttTransport:
             expiry_s=expiry,
             generation=generation,
         )
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
-            self._drop(client, message, "queue_full", item)
-            return
+        size = len(item.payload)
         with self._changed:
-            self._counters["received"] += 1
+            # The stage is emptied by one commit every few milliseconds; it only fills up when the disk
+            # stops taking writes. Waiting here holds the broker back through TCP, briefly.
+            wait_s = min(STAGE_WAIT_S, self.config.keepalive_s / 2)
+            room = self._changed.wait_for(
+                lambda: self._state is ConnectionState.STOPPED or (
+                    self._staged_count < STAGE_MAX_MESSAGES and self._staged_bytes + size <= STAGE_MAX_BYTES),
+                timeout=wait_s,
+            )
+            if self._state is ConnectionState.STOPPED:
+                return  # not stored, not acknowledged: the broker offers it to the next session
+            if room:
+                self._staged.append(item)
+                self._staged_count += 1
+                self._staged_bytes += size
+                self._work.notify_all()
+                return
+            self._counters["inbox_unwritable"] += 1
             self._changed.notify_all()
+        # Left unacknowledged: the broker keeps it in our session and offers it again after a reconnect.
+        log.error("the inbox took no message for %.0f s (is the disk full or failing?); a message was left "
+                  "with the broker, which offers it again after a reconnect", wait_s)
+        self._notify_dropped("inbox_unwritable", item)
 
     def _drop(self, client: mqtt.Client, message: mqtt.MQTTMessage, reason: str,
               item: IncomingMessage | None) -> None:
@@ -695,17 +1069,122 @@ class MqttTransport:
         with self._changed:
             self._counters[reason] += 1
             self._changed.notify_all()
+        self._notify_dropped(reason, item)
+
+    def _notify_dropped(self, reason: str, item: IncomingMessage | None) -> None:
         if self.on_dropped is not None:
             try:
                 self.on_dropped(reason, item)
             except Exception:
                 log.exception("drop handler failed")
 
+    def _packet_too_large(self, size: int) -> None:
+        """paho's thread, about to drop the connection: a broker that ignores our Maximum Packet Size."""
+        text = (f"the broker sent a packet of {size} bytes, more than the {MAX_PACKET_BYTES} this agent accepts; "
+                "the connection was dropped before reading it")
+        with self._changed:
+            self._counters["packet_too_large"] += 1
+            self._last_error = text
+            self._changed.notify_all()
+        log.warning("%s", text)
+
+    # ----- the inbox writer (its own thread): store, then acknowledge --------------------------
+
+    def _write_loop(self) -> None:
+        """Group-commit staged messages (and forget finished ones) in one transaction, then send the PUBACKs.
+
+        One commit per batch, however large the batch: a flood costs a few hundred fsyncs a second,
+        not one per message. A commit that fails (full disk, I/O error) is retried with the same
+        messages; meanwhile the stage fills and paho's thread holds the broker back.
+        """
+        assert self._inbox is not None
+        inbox = self._inbox
+        failing_since: float | None = None
+        while True:
+            with self._work:
+                self._work.wait_for(lambda: bool(self._staged or self._done or self._writer_stopping))
+                if not (self._staged or self._writer_stopping) and len(self._done) < FORGET_BATCH:
+                    # Only decided messages to forget: let more join this commit. New messages never wait.
+                    self._work.wait_for(lambda: bool(self._staged or self._writer_stopping
+                                                     or len(self._done) >= FORGET_BATCH), FORGET_AFTER_S)
+                stopping = self._writer_stopping
+                batch = [] if stopping else list(self._staged)  # at stop, staged messages stay with the broker
+                self._staged.clear()
+                done, self._done = self._done, []
+                if stopping:
+                    self._staged_count, self._staged_bytes = 0, 0
+            if not batch and not done:
+                return
+            try:
+                ids = inbox.commit([_stored_form(m) for m in batch], done)
+            except Exception as exc:  # sqlite3.Error, OSError: nothing was stored or forgotten
+                with self._work:
+                    self._counters["inbox_errors"] += 1
+                    self._staged.extendleft(reversed(batch))
+                    self._done[:0] = done
+                    if failing_since is None:
+                        failing_since = time.monotonic()
+                        log.error("cannot write the inbox %s (%s); retrying every %g s", inbox.path, exc, INBOX_RETRY_S)
+                    if stopping:
+                        return
+                    self._work.wait_for(lambda: self._writer_stopping, timeout=INBOX_RETRY_S)
+                continue
+            if failing_since is not None:
+                log.warning("the inbox %s is writable again after %.0f s", inbox.path, time.monotonic() - failing_since)
+                failing_since = None
+            self._acknowledge(batch, ids)
+            if stopping:
+                return
+
+    def _acknowledge(self, batch: list[IncomingMessage], ids: list[int | None]) -> None:
+        """After a commit: PUBACK what is stored (or dropped as over the bound) on the connection that delivered it."""
+        with self._lock:
+            c, generation = self._client, self._generation
+            connected = self._state is ConnectionState.CONNECTED
+        acked = skipped = stored = 0
+        full: list[IncomingMessage] = []
+        owed: list[int] = []  # QoS 1 packet ids to PUBACK on this connection, in one write
+        for msg, mid in zip(batch, ids, strict=True):
+            if mid is None:
+                full.append(msg)
+            else:
+                stored += 1
+            if msg.qos == 0:
+                continue
+            if c is None or not connected or msg.generation != generation:
+                skipped += 1
+            elif msg.qos == 1:
+                owed.append(msg.mid)
+            elif c.ack(msg.mid, msg.qos) == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                acked += 1
+            else:
+                skipped += 1
+        if owed:
+            assert isinstance(c, _BoundedClient)
+            ok = c.ack_many(owed) == MQTTErrorCode.MQTT_ERR_SUCCESS
+            acked, skipped = (acked + len(owed), skipped) if ok else (acked, skipped + len(owed))
+        with self._changed:
+            self._counters["received"] += stored
+            self._counters["inbox_full"] += len(full)
+            self._counters["acked"] += acked
+            self._counters["ack_skipped"] += skipped
+            self._staged_count -= len(batch)
+            self._staged_bytes -= sum(len(m.payload) for m in batch)
+            if stored:
+                self._stored += 1
+            self._changed.notify_all()  # paho's thread waiting for room on the stage
+            self._work.notify_all()  # get() waiting for a stored message
+        if full:
+            log.warning("the inbox holds its limit of %d messages / %d bytes; dropped %d message(s)",
+                        self._inbox.max_messages if self._inbox else 0, self._inbox.max_bytes if self._inbox else 0,
+                        len(full))
+            for msg in full:
+                self._notify_dropped("inbox_full", msg)
+
     def _handle_publish(self, client: mqtt.Client, userdata: Any, mid: int,
                         reason_code: ReasonCode, properties: Properties | None) -> None:
+        # paho calls this only for a message it still holds, so never for one withdrawn (every give-up
+        # withdraws): a late PUBACK cannot be taken for a later message that reuses the id.
         with self._changed:
-            if mid in self._abandoned:
-                self._abandoned.discard(mid)
-                return
             self._acks[mid] = reason_code
             self._changed.notify_all()

@@ -10,13 +10,22 @@ Why it looks like this:
   deleting, inserting or reordering an entry breaks every hash after it.
   The exact construction is in :data:`agent.state.logverify.CHAIN_DOC` (and docs/protocol.md) so an
   auditor can re-check a copy of the database without this code.
-- **Signed checkpoints.** Anyone who can write the database can also
+- **Signed checkpoints, chained.** Anyone who can write the database can also
   recompute a hash chain; they cannot forge the device's Ed25519 signature.
-  The device signs the chain head (seq, hash, time) every
+  The device signs the chain head (seq, hash, time) at every grant, every
   ``checkpoint_every`` entries, whenever an entry has waited an hour without
-  one (:meth:`AccessLog.checkpoint_if_due`, called on every append and by the
-  service's timer) and on demand. A checkpoint also catches a log cut short at
-  the end.
+  one, at the service's start and clean shutdown, at least hourly while the
+  service runs (:meth:`AccessLog.checkpoint_if_due`, called on every append and
+  by the service's timer), after each of the resident's own changes and on
+  demand. Each checkpoint names the one before it (``prev``), so deleting one
+  from the middle shows; the start and shutdown checkpoints and the hourly
+  heartbeat make a log cut at its end show too (see :class:`~agent.state.logverify.TailRules`).
+- **The resident's changes are entries.** The kill switch, the trust store and
+  the rules (:meth:`AccessLog.append_rule_change`, :meth:`AccessLog.service_started`)
+  are recorded in the same chain as the agencies' requests (``type: "resident"``).
+- **A running agent notices a cut.** The writer remembers how far the log went
+  and which checkpoint it last wrote; if either is gone from the database, the
+  next checkpoint says so, signed (``lost``).
 - **Floods do not grow it.** Messages that fail before a signature is verified
   (``oversize``, ``malformed``, ``unknown_key``, ``bad_signature``) are only
   counted, per reason and per UTC hour.
@@ -28,29 +37,42 @@ Why it looks like this:
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
 import json
+import logging
 import re
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-from agent.protocol.jose import canonical_json, sign_compact
+from agent.display import spreadsheet_cell
+from agent.protocol.jose import JwsError, canonical_json, parse_compact, sign_compact
 from agent.state.db import connect, transaction
 from agent.state.devicekey import DeviceKey
 from agent.state.logverify import (
     CHECKPOINT_TYP,
+    CHECKPOINT_VERSION,
     GENESIS_HASH,
+    HEARTBEAT,
     LOG_ID,
+    TailRules,
     VerifyReport,
+    bundle_checkpoint_line,
+    bundle_entry_line,
+    bundle_header_line,
     chain_hash,
+    checkpoint_digest,
     verify_connection,
 )
+from agent.state.pin import ensure_pin, pin_path
 from agent.timeutil import format_utc, from_us, parse_utc_z, to_us
+
+log = logging.getLogger(__name__)
 
 PRE_AUTH_REASONS = ("oversize", "malformed", "unknown_key", "bad_signature")
 DECISION_REASONS = (
@@ -59,8 +81,15 @@ DECISION_REASONS = (
     "radius_too_large", "outside_geofence", "window_too_long", "outside_consent", "no_footage",
     "rate_limited", "granted", "awaiting_resident",
 )  # fmt: skip
-EVENTS = ("approved", "declined_by_resident", "approval_expired", "delivered", "delivery_cut", "delivery_failed")
+EVENTS = ("approved", "declined_by_resident", "approval_expired", "delivered", "delivery_cut", "delivery_failed",
+          "delivery_refused")
 GRANT_OUTCOMES = ("granted", "approved")
+RULE_CHANGES = (
+    "killswitch_on", "killswitch_off", "trust_added", "trust_revoked", "trust_restored", "rules_changed",
+    "rules_recorded", "approval_answered",
+)  # fmt: skip
+"""What :meth:`AccessLog.append_rule_change` records: the resident's own changes to what may be shared."""
+_RESERVED = ("type", "jti", "iss", "event", "ref_seq", "seq", "at", "v", "change", "by")
 MAX_ENTRY_BYTES = 16384
 _DETAIL_KEY = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
@@ -68,10 +97,10 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS access_log (
     seq       INTEGER PRIMARY KEY,   -- 1, 2, 3, ...; never reused
     at_us     INTEGER NOT NULL,      -- copy of the entry's "at", for queries
-    type      TEXT NOT NULL,         -- 'decision' | 'event'
-    jti       TEXT NOT NULL,
-    iss       TEXT NOT NULL,
-    outcome   TEXT NOT NULL,         -- a decision's reason code, or an event's name
+    type      TEXT NOT NULL,         -- 'decision' | 'event' | 'resident'
+    jti       TEXT NOT NULL,         -- '' for the resident's own changes
+    iss       TEXT NOT NULL,         -- '' for the resident's own changes
+    outcome   TEXT NOT NULL,         -- a decision's reason code, an event's name, a resident change
     entry     TEXT NOT NULL,         -- canonical JSON, exactly the bytes hashed
     prev_hash TEXT NOT NULL,
     hash      TEXT NOT NULL
@@ -80,7 +109,7 @@ CREATE INDEX IF NOT EXISTS access_log_iss_at ON access_log (iss, at_us);
 CREATE INDEX IF NOT EXISTS access_log_jti ON access_log (jti);
 CREATE INDEX IF NOT EXISTS access_log_at ON access_log (at_us);
 CREATE TABLE IF NOT EXISTS access_log_checkpoints (
-    id    INTEGER PRIMARY KEY,
+    id    INTEGER PRIMARY KEY,          -- the order they were signed in: the order of their prev chain
     seq   INTEGER NOT NULL,
     hash  TEXT NOT NULL,
     at_us INTEGER NOT NULL,
@@ -92,6 +121,12 @@ CREATE TABLE IF NOT EXISTS preauth_counters (
     reason TEXT NOT NULL,
     count  INTEGER NOT NULL,
     PRIMARY KEY (hour, reason)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS resident_rules (  -- not evidence: what the rules were, to notice a change at start-up
+    name   TEXT PRIMARY KEY,
+    sha256 TEXT NOT NULL,
+    rules  TEXT NOT NULL,
+    at_us  INTEGER NOT NULL
 ) WITHOUT ROWID;
 """
 
@@ -179,9 +214,20 @@ class Checkpoint:
     at: datetime
     kid: str
     jws: str
+    reason: str | None = None
+    id: int | None = None  # its row in access_log_checkpoints: the order it was signed in
 
     def to_json(self) -> dict[str, Any]:
-        return {"seq": self.seq, "hash": self.hash, "at": format_utc(self.at), "kid": self.kid, "jws": self.jws}
+        return {"seq": self.seq, "hash": self.hash, "at": format_utc(self.at), "kid": self.kid, "jws": self.jws,
+                "reason": self.reason}
+
+
+def _claims_unverified(jws: str) -> dict[str, Any]:
+    """A checkpoint's payload as written, without checking it: the writer reading back its own rows."""
+    try:
+        return parse_compact(jws, typ=CHECKPOINT_TYP).claims
+    except (JwsError, ValueError):
+        return {}
 
 
 def _utcnow() -> datetime:
@@ -212,6 +258,11 @@ class AccessLog:
         self.checkpoint_interval = checkpoint_interval
         self._clock = clock
         self._lock = threading.Lock()
+        # What this process has seen of the log: the head seq and the last checkpoint (id, digest). The log
+        # only grows; if either shrinks under a running agent, the next checkpoint says so (``lost``).
+        self._known_head = 0
+        self._known_cp: tuple[int, str] | None = None
+        self._heartbeat: timedelta | None = None  # set by service_started(): the running service's proof of life
         self._conn = connect(self.path)
         # Counters are not evidence, and a flood must not cost one fsync per message.
         self._counters = connect(self.path, synchronous="NORMAL")
@@ -335,9 +386,33 @@ class AccessLog:
             body["granted"] = _window(details["granted"], "granted")
         return self._append(body, at=at, outcome=event, ref_jti=jti)
 
+    def append_rule_change(
+        self, what: str, *, by: str, details: Mapping[str, Any] | None = None, at: datetime | None = None
+    ) -> tuple[int, str]:
+        """Record one of the resident's own changes to what may be shared; return ``(seq, hash)``.
+
+        ``what`` is one of :data:`RULE_CHANGES` (``killswitch_on``/``off``, ``trust_added``/``revoked``/``restored``,
+        ``rules_changed``, ``approval_answered``); ``by`` says who, in words (e.g. "homeowner (command line, user
+        pi on doorbell)"); ``details`` are short facts in plain JSON (for trust: ``kids``, ``issuer``, ``file``).
+        The entry is ``type: "resident"``; its ``jti`` and ``iss`` columns are empty, so no query about agencies
+        or requests ever counts it. With the device key the log is signed right after (reason ``rule``), so the
+        change is covered at once.
+        """
+        what = str(getattr(what, "value", what))
+        if what not in RULE_CHANGES:
+            raise AccessLogError(f"unknown resident change {what!r}; one of {', '.join(RULE_CHANGES)}")
+        body: dict[str, Any] = {"type": "resident", "change": what, "by": _text(by, "by", 200)}
+        for key, value in (details or {}).items():
+            if not _DETAIL_KEY.match(str(key)) or key in _RESERVED:
+                hint = " (name an agency 'issuer' and a request 'request')" if key in ("iss", "jti") else ""
+                raise AccessLogError(f"resident change detail name {key!r} is not allowed{hint}")
+            body[str(key)] = _json_safe(value, str(key))
+        return self._append(body, at=at, outcome=what)
+
     def _append(self, body: dict[str, Any], *, at: datetime | None, outcome: str, ref_jti: str | None = None) -> tuple[int, str]:
         when = _utc_ms(at or self._clock())
-        with self._lock, transaction(self._conn) as conn:
+        with self._lock:
+            with transaction(self._conn) as conn:
                 if ref_jti is not None:
                     # The decision an event follows is the one that shared or held the request: a copy
                     # refused before it (step 12 lets the genuine copy through) or a replay after it is not.
@@ -349,22 +424,36 @@ class AccessLog:
                     if ref is None:
                         raise AccessLogError(f"no logged request with jti {ref_jti!r}; an event must follow its decision")
                     body["ref_seq"], body["iss"] = int(ref[0]), str(ref[1])
-                head = conn.execute("SELECT seq, hash FROM access_log ORDER BY seq DESC LIMIT 1").fetchone()
-                prev_seq, prev_hash = (int(head[0]), bytes.fromhex(head[1])) if head else (0, GENESIS_HASH)
-                seq = prev_seq + 1
-                entry = {**body, "v": 1, "seq": seq, "at": format_utc(when, ms=True)}
-                data = canonical_json(entry)
-                if len(data) > MAX_ENTRY_BYTES:
-                    raise AccessLogError(f"log entry of {len(data)} bytes is larger than {MAX_ENTRY_BYTES}")
-                digest = chain_hash(prev_hash, data)
-                conn.execute(
-                    "INSERT INTO access_log (seq, at_us, type, jti, iss, outcome, entry, prev_hash, hash) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (seq, to_us(when), entry["type"], entry["jti"], entry["iss"], outcome,
-                     data.decode("utf-8"), prev_hash.hex(), digest.hex()),
-                )  # fmt: skip
-                self._checkpoint_if_due_locked(self._clock(), seq, digest)
+                prev_seq, prev_hash = self._head_locked()
+                lost = self._lost_locked(prev_seq)
+                seq, digest = self._insert_locked(body, when, outcome, prev_seq, prev_hash)
+                now = self._clock()
+                cp: Checkpoint | None
+                if lost is not None:
+                    cp = self._write_checkpoint_locked(now, seq, digest, "cut_noticed", lost=lost)
+                elif outcome in GRANT_OUTCOMES and self.device_key is not None:
+                    cp = self._write_checkpoint_locked(now, seq, digest, "grant")  # the grant is covered at once
+                elif body["type"] == "resident" and self.device_key is not None:
+                    cp = self._write_checkpoint_locked(now, seq, digest, "rule")
+                else:
+                    cp = self._checkpoint_if_due_locked(now, seq, digest)
+            self._saw(seq, cp)
         return seq, digest.hex()
+
+    def _insert_locked(self, body: dict[str, Any], when: datetime, outcome: str, prev_seq: int, prev_hash: bytes) -> tuple[int, bytes]:
+        seq = prev_seq + 1
+        entry = {**body, "v": 1, "seq": seq, "at": format_utc(when, ms=True)}
+        data = canonical_json(entry)
+        if len(data) > MAX_ENTRY_BYTES:
+            raise AccessLogError(f"log entry of {len(data)} bytes is larger than {MAX_ENTRY_BYTES}")
+        digest = chain_hash(prev_hash, data)
+        self._conn.execute(
+            "INSERT INTO access_log (seq, at_us, type, jti, iss, outcome, entry, prev_hash, hash) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (seq, to_us(when), entry["type"], entry.get("jti", ""), entry.get("iss", ""), outcome,
+             data.decode("utf-8"), prev_hash.hex(), digest.hex()),
+        )  # fmt: skip
+        return seq, digest
 
     def count_rejection(self, reason: str, at: datetime | None = None, count: int = 1) -> None:
         """Count messages that failed before authentication (one row per reason per UTC hour).
@@ -386,67 +475,213 @@ class AccessLog:
 
     # ------------------------------------------------------------- checkpoints
 
-    def checkpoint(self, now: datetime | None = None) -> Checkpoint:
-        """Sign the current head now (on demand)."""
+    def checkpoint(self, now: datetime | None = None, *, reason: str = "demand") -> Checkpoint:
+        """Sign the current head now (``reason``: ``demand`` for ``log checkpoint``, ``shutdown``, ``export``)."""
         if self.device_key is None:
             raise AccessLogError("writing a checkpoint needs the device key")
-        with self._lock, transaction(self._conn):
-            seq, digest = self._head_locked()
-            return self._write_checkpoint_locked(now or self._clock(), seq, digest)
+        with self._lock:
+            with transaction(self._conn):
+                seq, digest = self._head_locked()
+                lost = self._lost_locked(seq)
+                cp = self._write_checkpoint_locked(now or self._clock(), seq, digest, reason, lost=lost)
+            self._saw(seq, cp)
+        return cp
 
     def checkpoint_if_due(self, now: datetime | None = None) -> Checkpoint | None:
-        """For the service's timer: sign the head if an entry has waited ``checkpoint_interval``."""
+        """For the service's timer: sign the head if an entry has waited ``checkpoint_interval``, if the running
+        service has signed nothing for an hour (its heartbeat), or at once if the log shrank under it."""
         if self.device_key is None:
             return None
-        with self._lock, transaction(self._conn):
-            seq, digest = self._head_locked()
-            return self._checkpoint_if_due_locked(now or self._clock(), seq, digest)
+        with self._lock:
+            with transaction(self._conn):
+                seq, digest = self._head_locked()
+                lost = self._lost_locked(seq)
+                when = now or self._clock()
+                if lost is not None:
+                    cp: Checkpoint | None = self._write_checkpoint_locked(when, seq, digest, "cut_noticed", lost=lost)
+                else:
+                    cp = self._checkpoint_if_due_locked(when, seq, digest)
+            self._saw(seq, cp)
+        return cp
+
+    def service_started(self, data_dir: Path, *, rules: Mapping[str, Any] | None = None,
+                        by: str = "the configuration file, read at start-up") -> Checkpoint:
+        """The sharing service calls this once at start-up, before it decides anything.
+
+        It pins the device key (:func:`agent.state.pin.ensure_pin`: a key that is not the pinned one
+        stops the service, fail closed), records the resident's ``rules`` (the ``[policy]`` section) as a
+        ``rules_changed`` entry when they differ from those of the previous start, and signs a ``start``
+        checkpoint that says how the previous run ended (``after``: ``clean`` if it signed a shutdown,
+        ``unclean`` after a crash or power cut). From then on the heartbeat is on: the log is signed at
+        least every :data:`~agent.state.logverify.HEARTBEAT` even when nothing happens, so a verifier can
+        tell a live log from one whose newest checkpoints were deleted.
+        """
+        if self.device_key is None:
+            raise AccessLogError("the service needs the device key")
+        ensure_pin(pin_path(data_dir), self.device_key.kid)
+        now = self._clock()
+        with self._lock:
+            with transaction(self._conn) as conn:
+                seq, digest = self._head_locked()
+                self._known_head = seq  # the service's memory starts here
+                last = conn.execute("SELECT id, jws FROM access_log_checkpoints ORDER BY id DESC LIMIT 1").fetchone()
+                self._known_cp = (int(last[0]), checkpoint_digest(last[1])) if last else None
+                after = self._previous_run_locked(seq)
+                if rules is not None:
+                    change = self._rules_change_locked(dict(rules), now, by, seq)
+                    if change is not None:
+                        seq, digest = self._insert_locked(change, _utc_ms(now), change["change"], seq, digest)
+                cp = self._write_checkpoint_locked(now, seq, digest, "start", after=after)
+            self._saw(seq, cp)
+            self._heartbeat = HEARTBEAT
+        return cp
+
+    def service_stopping(self) -> Checkpoint | None:
+        """The sharing service calls this on a clean stop, before closing: a ``shutdown`` checkpoint.
+
+        Never raises: a stop must go on even with a full disk; the next start then records the stop
+        as unclean, which is the truth as far as the log can prove it.
+        """
+        try:
+            return self.checkpoint(reason="shutdown")
+        except Exception as exc:  # sqlite3.Error, OSError, a missing key: logged, and the next start says "unclean"
+            log.warning("could not sign the access log at shutdown (%s); the next start will record an unclean stop", exc)
+            return None
+
+    def _previous_run_locked(self, head: int) -> str:
+        """How the previous run ended: the newest start or shutdown checkpoint decides."""
+        rows = self._conn.execute("SELECT jws FROM access_log_checkpoints ORDER BY id DESC")
+        any_row = False
+        for (jws,) in rows:
+            any_row = True
+            claims = _claims_unverified(jws)
+            if claims.get("v") != CHECKPOINT_VERSION:
+                return "unknown"  # an older agent's checkpoint: it marked no runs
+            if claims.get("reason") == "shutdown":
+                return "clean"
+            if claims.get("reason") == "start":
+                return "unclean"
+        return "unknown" if any_row or head else "first"
+
+    def _rules_change_locked(self, rules: dict[str, Any], now: datetime, by: str, head: int) -> dict[str, Any] | None:
+        """A ``rules_changed`` entry body if ``rules`` differ from those of the previous start, else None.
+
+        The first rules a fresh log sees are only remembered (nothing had been decided under other
+        rules); on an existing log without a record they are entered once as ``rules_recorded``. The
+        home's location is compared but never written into the log, which may be exported.
+        """
+        sha = hashlib.sha256(canonical_json(rules)).hexdigest()
+        row = self._conn.execute("SELECT sha256, rules FROM resident_rules WHERE name = 'policy'").fetchone()
+        self._conn.execute(
+            "INSERT INTO resident_rules (name, sha256, rules, at_us) VALUES ('policy', ?, ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET sha256 = excluded.sha256, rules = excluded.rules, at_us = excluded.at_us",
+            (sha, canonical_json(rules).decode("utf-8"), to_us(now)),
+        )
+        if row is not None and row[0] == sha:
+            return None
+        if row is None and head == 0:
+            return None
+        try:
+            before = json.loads(row[1]) if row is not None else {}
+        except ValueError:
+            before = {}
+        changed = sorted(k for k in set(rules) | set(before) if rules.get(k) != before.get(k)) if row is not None else []
+        shown = {k: v for k, v in rules.items() if k != "location"}
+        body: dict[str, Any] = {"type": "resident", "change": "rules_changed" if row is not None else "rules_recorded",
+                                "by": _text(by, "by", 200), "changed": changed, "sha256": sha,
+                                "rules": _json_safe(shown, "rules")}
+        if len(canonical_json(body)) > MAX_ENTRY_BYTES - 256:
+            body.pop("rules")  # what changed and the hash of the whole still go in
+        return body
 
     def _head_locked(self) -> tuple[int, bytes]:
         head = self._conn.execute("SELECT seq, hash FROM access_log ORDER BY seq DESC LIMIT 1").fetchone()
         return (int(head[0]), bytes.fromhex(head[1])) if head else (0, GENESIS_HASH)
 
+    def _lost_locked(self, head: int) -> dict[str, Any] | None:
+        """What this process had seen that is gone now (entries past ``head``, or its last checkpoint), or None."""
+        gone = head < self._known_head
+        if self._known_cp is not None:
+            row = self._conn.execute("SELECT jws FROM access_log_checkpoints WHERE id = ?", (self._known_cp[0],)).fetchone()
+            gone = gone or row is None or checkpoint_digest(row[0]) != self._known_cp[1]
+        if not gone:
+            return None
+        return {"seq": self._known_head, "found": head, "checkpoint": self._known_cp[1] if self._known_cp else None}
+
+    def _saw(self, seq: int, cp: Checkpoint | None) -> None:
+        """After a commit: remember how far the log went and the checkpoint just written."""
+        self._known_head = seq
+        if cp is not None and cp.id is not None:
+            self._known_cp = (cp.id, checkpoint_digest(cp.jws))
+
     def _checkpoint_if_due_locked(self, now: datetime, seq: int, digest: bytes) -> Checkpoint | None:
-        if self.device_key is None or seq == 0:
+        if self.device_key is None:
             return None
         row = self._conn.execute("SELECT MAX(seq) FROM access_log_checkpoints").fetchone()
         last = int(row[0]) if row and row[0] is not None else 0
-        if seq <= last:
-            return None
-        due = seq - last >= self.checkpoint_every
-        if not due:
-            oldest = self._conn.execute("SELECT at_us FROM access_log WHERE seq = ?", (last + 1,)).fetchone()
-            due = oldest is not None and from_us(int(oldest[0])) <= now - self.checkpoint_interval
-        return self._write_checkpoint_locked(now, seq, digest) if due else None
+        reason = None
+        if seq > last:
+            if seq - last >= self.checkpoint_every:
+                reason = "count"
+            else:
+                oldest = self._conn.execute("SELECT at_us FROM access_log WHERE seq = ?", (last + 1,)).fetchone()
+                if oldest is not None and from_us(int(oldest[0])) <= now - self.checkpoint_interval:
+                    reason = "schedule"
+        if reason is None and self._heartbeat is not None:
+            newest = self._conn.execute("SELECT at_us FROM access_log_checkpoints ORDER BY id DESC LIMIT 1").fetchone()
+            if newest is None or from_us(int(newest[0])) <= now - self._heartbeat:
+                reason = "schedule"
+        return self._write_checkpoint_locked(now, seq, digest, reason) if reason else None
 
-    def _write_checkpoint_locked(self, now: datetime, seq: int, digest: bytes) -> Checkpoint:
+    def _write_checkpoint_locked(
+        self, now: datetime, seq: int, digest: bytes, reason: str, *, after: str | None = None,
+        lost: dict[str, Any] | None = None,
+    ) -> Checkpoint:
         assert self.device_key is not None
         key = self.device_key
         when = _utc_ms(now)
+        last = self._conn.execute("SELECT jws FROM access_log_checkpoints ORDER BY id DESC LIMIT 1").fetchone()
         header = {"alg": "Ed25519", "kid": key.kid, "typ": CHECKPOINT_TYP}
-        payload = {
-            "v": 1, "log": LOG_ID, "seq": seq, "hash": digest.hex(),
-            "iat": int(when.timestamp()), "at": format_utc(when, ms=True), "device": key.public_jwk(),
+        payload: dict[str, Any] = {
+            "v": CHECKPOINT_VERSION, "log": LOG_ID, "seq": seq, "hash": digest.hex(),
+            "prev": checkpoint_digest(last[0]) if last else None, "reason": reason,
         }  # fmt: skip
+        if after is not None:
+            payload["after"] = after
+        if lost is not None:
+            payload["lost"] = lost
+        payload.update({"iat": int(when.timestamp()), "at": format_utc(when, ms=True), "device": key.public_jwk()})
         jws = sign_compact(header, payload, key)
-        self._conn.execute(
+        cur = self._conn.execute(
             "INSERT INTO access_log_checkpoints (seq, hash, at_us, kid, jws) VALUES (?, ?, ?, ?, ?)",
             (seq, digest.hex(), to_us(when), key.kid, jws),
         )
-        return Checkpoint(seq=seq, hash=digest.hex(), at=when, kid=key.kid, jws=jws)
+        if lost is not None:
+            log.error("the access log was cut back while the agent ran (it had seen entry %d, found %d); "
+                      "recorded in a signed checkpoint", lost["seq"], lost["found"])
+        return Checkpoint(seq=seq, hash=digest.hex(), at=when, kid=key.kid, jws=jws, reason=reason, id=cur.lastrowid)
 
     # ------------------------------------------------------------------ reading
 
     def last_at(self) -> datetime | None:
-        """The time of the newest entry, or None for an empty log: a time the agent has already acted on."""
+        """The time of the newest decision or event, or None: a time the agent has already acted on.
+
+        The resident's own changes do not count: the command line stamps them with its clock, not the agent's.
+        """
         with self._lock:
-            row = self._conn.execute("SELECT MAX(at_us) FROM access_log").fetchone()
+            row = self._conn.execute("SELECT MAX(at_us) FROM access_log WHERE type IN ('decision', 'event')").fetchone()
         return from_us(int(row[0])) if row and row[0] is not None else None
 
     def head(self) -> tuple[int, str]:
         with self._lock:
             seq, digest = self._head_locked()
         return seq, digest.hex()
+
+    def counts_by_type(self) -> dict[str, int]:
+        """How many entries of each type (``decision``, ``event``, ``resident``) the log holds."""
+        with self._lock:
+            rows = self._conn.execute("SELECT type, COUNT(*) FROM access_log GROUP BY type").fetchall()
+        return {str(t): int(n) for t, n in rows}
 
     def grants_since(self, iss: str, since: datetime) -> int:
         """Grants to ``iss`` after ``since`` (strictly, as ``AgentState``): immediate grants plus the resident's approvals."""
@@ -457,13 +692,23 @@ class AccessLog:
             ).fetchone()
         return int(row[0])
 
-    def entries(self, since: datetime | None = None, *, jti: str | None = None, limit: int | None = None) -> list[LogEntry]:
-        """Entries in order, optionally from ``since`` on and/or about one request."""
+    def entries(
+        self, since: datetime | None = None, *, jti: str | None = None, limit: int | None = None,
+        until: datetime | None = None, seqs: Iterable[int] | None = None,
+    ) -> list[LogEntry]:
+        """Entries in order, optionally from ``since`` on (and before ``until``), about one request, or by number."""
         sql = "SELECT seq, hash, prev_hash, at_us, type, jti, iss, outcome, entry FROM access_log WHERE 1=1"
         params: list[Any] = []
         if since is not None:
             sql += " AND at_us >= ?"
             params.append(to_us(since))
+        if until is not None:
+            sql += " AND at_us < ?"
+            params.append(to_us(until))
+        if seqs is not None:
+            wanted = sorted({int(x) for x in seqs})
+            sql += f" AND seq IN ({','.join('?' * len(wanted))})" if wanted else " AND 0"
+            params.extend(wanted)
         if jti is not None:
             sql += " AND jti = ?"
             params.append(jti)
@@ -483,9 +728,11 @@ class AccessLog:
         return out
 
     def checkpoints(self) -> list[Checkpoint]:
+        """Every checkpoint in the order it was signed (unverified: :meth:`verify` checks them)."""
         with self._lock:
-            rows = self._conn.execute("SELECT seq, hash, at_us, kid, jws FROM access_log_checkpoints ORDER BY seq, id").fetchall()
-        return [Checkpoint(int(s), h, from_us(int(a)), k, j) for s, h, a, k, j in rows]
+            rows = self._conn.execute("SELECT id, seq, hash, at_us, kid, jws FROM access_log_checkpoints ORDER BY id").fetchall()
+        return [Checkpoint(int(s), h, from_us(int(a)), k, j, _claims_unverified(j).get("reason"), int(i))
+                for i, s, h, a, k, j in rows]
 
     def rejection_counts(self, since: datetime | None = None) -> list[dict[str, Any]]:
         """Pre-authentication failures per UTC hour and reason, oldest first."""
@@ -500,9 +747,161 @@ class AccessLog:
 
     # ------------------------------------------------------------ verification
 
-    def verify(self, device_public_key: DeviceKey | Ed25519PublicKey | Mapping[str, str] | None = None) -> VerifyReport:
-        """Re-check the whole chain and every checkpoint; name the first bad entry (see :mod:`agent.state.logverify`)."""
-        key = device_public_key.public if isinstance(device_public_key, DeviceKey) else device_public_key
+    def verify(
+        self, device_key: Any = None, *, tail: TailRules | None = None,
+        witnesses: Sequence[tuple[str, str]] = (), tz: tzinfo = UTC,
+    ) -> VerifyReport:
+        """Re-check the whole chain and every checkpoint; name the first bad entry (see :mod:`agent.state.logverify`).
+
+        ``device_key`` is the pinned thumbprint (or the key): never taken from the log itself. ``tail``
+        says whether the agent is running, which decides how the end of the log must look;
+        ``witnesses`` are ``(name, manifest text)`` pairs an auditor collected.
+        """
         with self._lock, transaction(self._conn, write=False) as conn:
             # One snapshot of both tables; the service may keep appending meanwhile.
-            return verify_connection(conn, key)
+            return verify_connection(conn, device_key, tail=tail, witnesses=witnesses, tz=tz)
+
+    # ------------------------------------------------------------------ export
+
+    def export_bundle(self, now: datetime | None = None) -> bytes:
+        """One self-contained, verifiable file: a header with the device's public key, every entry, every checkpoint.
+
+        The device first signs an ``export`` checkpoint over the current head, and the bundle ends with
+        it, so an auditor can tell a complete bundle from one cut short (docs/protocol.md section 6).
+        Entries appended meanwhile are left out: the bundle is the log as the export checkpoint saw it.
+        """
+        if self.device_key is None:
+            raise AccessLogError("exporting a verifiable bundle needs the device key")
+        cp = self.checkpoint(now, reason="export")
+        assert cp.id is not None
+        with self._lock, transaction(self._conn, write=False) as conn:
+            entries = conn.execute(
+                "SELECT seq, at_us, type, jti, iss, outcome, entry, prev_hash, hash FROM access_log "
+                "WHERE seq <= ? ORDER BY seq", (cp.seq,),
+            ).fetchall()
+            cps = conn.execute(
+                "SELECT seq, hash, at_us, kid, jws FROM access_log_checkpoints WHERE id <= ? ORDER BY id", (cp.id,),
+            ).fetchall()
+        out = io.BytesIO()
+        out.write(bundle_header_line(self.device_key.public_jwk(), self.device_key.kid, len(entries), len(cps)) + b"\n")
+        for e in entries:
+            out.write(bundle_entry_line(e) + b"\n")
+        for c in cps:
+            out.write(bundle_checkpoint_line(c) + b"\n")
+        return out.getvalue()
+
+    def export_csv(self, describe: Callable[[LogEntry], tuple[str, str]]) -> str:
+        """A spreadsheet copy of the entries, marked on its first line as not verifiable.
+
+        ``describe(entry)`` returns ``(local time, what happened in words)``; the words belong to the CLI.
+        """
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["NOT VERIFIABLE: a spreadsheet copy of the doorbell-agent access log, for reading only. "
+                    "To check the log, use the bundle from 'doorbell-agent log export' (JSON lines)."])
+        w.writerow(["seq", "local time", "utc time", "type", "agency", "request", "officer", "case", "purpose",
+                    "outcome", "what happened", "window asked", "window granted", "bytes", "by", "entry hash"])
+        for e in self.entries():
+            d = e.data
+            local, words = describe(e)
+            asked, granted = d.get("requested"), d.get("granted")
+            w.writerow([spreadsheet_cell(v) for v in (
+                e.seq, local, format_utc(e.at, ms=True), e.type, e.iss, e.jti, d.get("sub", ""), d.get("case", ""),
+                d.get("purpose", ""), e.outcome, words,
+                f"{asked['start']} to {asked['end']}" if isinstance(asked, dict) else "",
+                f"{granted['start']} to {granted['end']}" if isinstance(granted, dict) else "",
+                d.get("bytes") if isinstance(d.get("bytes"), int) else "", d.get("by", ""), e.hash,
+            )])  # fmt: skip
+        return buf.getvalue()
+
+    # ----------------------------------------------------------------- summary
+
+    def summary(self, since: datetime | None, until: datetime) -> dict[str, Any]:
+        """A transparency report's figures for ``[since, until)``: requests by agency, outcomes, minutes shared.
+
+        Minutes shared are the granted windows of deliveries that completed; grants not (yet) delivered
+        are counted apart. Messages refused before any signature check are only counted per hour.
+        """
+        entries = self.entries(since, until=until)
+        refs = {int(e.data["ref_seq"]) for e in entries if e.type == "event" and isinstance(e.data.get("ref_seq"), int)}
+        known = {e.seq: e for e in entries}
+        known.update({e.seq: e for e in self.entries(seqs=refs - set(known))})
+        agencies: dict[str, dict[str, int]] = {}
+        refused: dict[str, int] = {}
+        rules: dict[str, int] = {}
+        granted_at_once = approved = awaiting = delivered = cut = failed = 0
+        shared_s = 0.0
+        for e in entries:
+            if e.type == "decision":
+                a = agencies.setdefault(e.iss, {"requests": 0, "granted": 0, "refused": 0})
+                a["requests"] += 1
+                if e.outcome == "granted":
+                    a["granted"] += 1
+                    granted_at_once += 1
+                elif e.outcome == "awaiting_resident":
+                    awaiting += 1
+                else:
+                    a["refused"] += 1
+                    refused[e.outcome] = refused.get(e.outcome, 0) + 1
+            elif e.type == "event":
+                a = agencies.setdefault(e.iss, {"requests": 0, "granted": 0, "refused": 0})
+                if e.outcome == "approved":
+                    a["granted"] += 1
+                    approved += 1
+                elif e.outcome in ("declined_by_resident", "approval_expired"):
+                    a["refused"] += 1
+                    refused[e.outcome] = refused.get(e.outcome, 0) + 1
+                elif e.outcome == "delivered":
+                    delivered += 1
+                    shared_s += _window_seconds(self._grant_window(e, known))
+                elif e.outcome == "delivery_cut":
+                    cut += 1
+                else:
+                    failed += 1
+            else:
+                rules[e.outcome] = rules.get(e.outcome, 0) + 1
+        ignored = sum(c["count"] for c in self.rejection_counts(since) if parse_utc_z(c["hour"]) < until)
+        return {
+            "since": format_utc(since) if since else None, "until": format_utc(until),
+            "requests": sum(a["requests"] for a in agencies.values()), "agencies": agencies,
+            "granted": granted_at_once + approved, "granted_by_rules": granted_at_once, "approved_by_you": approved,
+            "waiting_or_held": awaiting, "refused": sum(refused.values()), "refused_by_reason": refused,
+            "deliveries": delivered, "deliveries_cut": cut, "deliveries_failed": failed,
+            "minutes_shared": round(shared_s / 60, 1), "your_changes": rules, "ignored_before_authentication": ignored,
+        }  # fmt: skip
+
+    @staticmethod
+    def _grant_window(event: LogEntry, known: Mapping[int, LogEntry]) -> Any:
+        """The window a delivery shared: the approval's if the resident approved it, else the decision's."""
+        ref = known.get(event.data.get("ref_seq"))  # type: ignore[arg-type]
+        if ref is None:
+            return None
+        approvals = [e for e in known.values() if e.type == "event" and e.outcome == "approved" and e.jti == event.jti
+                     and isinstance(e.data.get("granted"), dict)]
+        return approvals[-1].data["granted"] if approvals else ref.data.get("granted")
+
+
+def _window_seconds(window: Any) -> float:
+    try:
+        return max(0.0, (parse_utc_z(window["end"]) - parse_utc_z(window["start"])).total_seconds())
+    except (KeyError, TypeError, ValueError):
+        return 0.0
+
+
+def record_rule_change(
+    paths: Any, what: str, *, by: str, details: Mapping[str, Any] | None = None
+) -> tuple[int, str, str | None]:
+    """For commands: record one of the resident's changes in the log at ``paths.state_db``.
+
+    ``paths`` is the configuration's ``[paths]`` (``state_db``, ``data_dir``, ``device_key_file``).
+    The entry is signed at once when this user can read the pinned device key; otherwise it waits
+    for the service's next checkpoint. Returns ``(seq, hash, why_unsigned)`` (``None`` once signed).
+    Raises ``sqlite3.Error``/``OSError``/:class:`AccessLogError` if the change could not be recorded:
+    a caller that turns sharing *on* must then undo its change (fail closed).
+    """
+    from agent.state.pin import signing_key
+
+    key, why = signing_key(paths.data_dir, paths.device_key_file)
+    with AccessLog(paths.state_db, device_key=key) as alog:
+        seq, digest = alog.append_rule_change(what, by=by, details=details)
+    return seq, digest, why

@@ -8,6 +8,8 @@ reason to mint a new identity.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +42,20 @@ class DeviceKey:
 
     def sign(self, data: bytes) -> bytes:
         return self.private.sign(data)
+
+    def client_id_secret(self) -> bytes:
+        """32 bytes that only this device can compute, for the secret part of its MQTT client id.
+
+        The default client id must not be derivable from public facts (the kid is in every
+        manifest): see :func:`agent.sharing.transport.default_client_id`. Derived from the private
+        key (HMAC-SHA256 under it, with a label used for nothing else) rather than kept in a file of
+        its own: it is as random as the key, it lives and is backed up with the key, and it cannot
+        get out of step with it.
+        """
+        raw = self.private.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
+        return hmac.new(raw, b"doorbell-agent/mqtt-client-id/v1", hashlib.sha256).digest()
 
     @classmethod
     def generate(cls) -> DeviceKey:

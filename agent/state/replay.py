@@ -9,21 +9,36 @@ SQLite (``config.paths.state_db``), WAL mode, ``synchronous=FULL``.
 
 Only requests whose signatures verified may be remembered: otherwise anyone
 could burn a real request's ``jti`` by sending garbage under it first.
+
+Purging is safe only while the clock is right. A clock stepped forward (a bad
+time server) would purge entries whose requests are still valid once the clock
+comes back, and the same ``jti`` could then be granted twice. Two guards:
+
+- the memory keeps a **high-water mark**, the latest time at which it remembered
+  a ``jti`` or purged anything (:meth:`ReplayMemory.high_water`), durably; the
+  service treats a clock that reads more than :data:`CLOCK_BACK_TOLERANCE_S`
+  earlier than that as not synchronized (protocol step 8) until it has caught up,
+  and purges only with that much margin;
+- the service also counts a ``jti`` as seen when the access log holds a decision
+  that used it, so purging this table can never make a logged request new again.
 """
 
 from __future__ import annotations
 
 import re
+import sqlite3
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
 from agent.state.db import connect, transaction
 
-UTC = timezone.utc
 KEEP_AFTER_EXP_S = 60
+CLOCK_BACK_TOLERANCE_S = 5
+"""How far the clock may read behind the high-water mark and still count as right: NTP's own small
+corrections; a step back larger than this stops sharing until real time passes the mark again."""
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 _SCHEMA = """
@@ -35,6 +50,10 @@ CREATE TABLE IF NOT EXISTS replay_memory (
     first_seen     INTEGER NOT NULL   -- NumericDate
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS replay_memory_keep_until ON replay_memory (keep_until);
+CREATE TABLE IF NOT EXISTS replay_clock (
+    id            INTEGER PRIMARY KEY CHECK (id = 1),
+    high_water_us INTEGER NOT NULL  -- the latest time this memory acted on (remembered, purged), µs
+);
 """
 
 
@@ -80,7 +99,8 @@ class ReplayMemory:
         The first payload wins: a later, different payload under the same
         ``jti`` does not replace it. Compare the return value with your own
         hash to tell a fresh request (equal, and :meth:`seen` was None before)
-        from a race with another copy.
+        from a race with another copy. A given ``now`` also raises the
+        high-water mark, in the same transaction.
         """
         if not isinstance(jti, str) or not jti:
             raise ValueError("jti must be a non-empty string")
@@ -95,15 +115,41 @@ class ReplayMemory:
                 (jti, payload_sha256, exp_s, exp_s + KEEP_AFTER_EXP_S, first),
             )
             row = conn.execute("SELECT payload_sha256 FROM replay_memory WHERE jti = ?", (jti,)).fetchone()
+            if now is not None:
+                _raise_mark(conn, now)
         return str(row[0])
 
-    def purge(self, now: datetime | int | float | None = None) -> int:
-        """Forget entries whose ``exp`` + 60 s has passed; return how many."""
-        cutoff = _epoch(now) if now is not None else int(time.time())
+    def purge(self, now: datetime | int | float | None = None, *, margin_s: float = 0) -> int:
+        """Forget entries whose ``exp`` + 60 s had passed ``margin_s`` before ``now``; return how many.
+
+        A purge that forgets anything raises the high-water mark to ``now`` in the same transaction,
+        so a clock that later reads earlier is noticed (see the module's doc). With ``margin_s`` at
+        least the tolerance the service allows a clock that went back, nothing purged can ever be
+        valid again at a time the service accepts.
+        """
+        at = _epoch(now) if now is not None else time.time()
         with self._lock, transaction(self._conn) as conn:
-            cur = conn.execute("DELETE FROM replay_memory WHERE keep_until < ?", (cutoff,))
+            cur = conn.execute("DELETE FROM replay_memory WHERE keep_until < ?", (int(at - margin_s),))
+            if cur.rowcount:
+                _raise_mark(conn, at)
         return cur.rowcount
+
+    def high_water(self) -> datetime | None:
+        """The latest time this memory remembered a jti at or purged at, or None if it never did."""
+        with self._lock:
+            row = self._conn.execute("SELECT high_water_us FROM replay_clock WHERE id = 1").fetchone()
+        return datetime.fromtimestamp(row[0] / 1e6, UTC) if row else None
 
     def __len__(self) -> int:
         with self._lock:
             return int(self._conn.execute("SELECT COUNT(*) FROM replay_memory").fetchone()[0])
+
+
+def _raise_mark(conn: sqlite3.Connection, at: datetime | int | float) -> None:
+    """Move the high-water mark up to ``at`` (never down), inside the caller's transaction."""
+    us = round(at.timestamp() * 1e6) if isinstance(at, datetime) else round(float(at) * 1e6)
+    conn.execute(
+        "INSERT INTO replay_clock (id, high_water_us) VALUES (1, ?) "
+        "ON CONFLICT (id) DO UPDATE SET high_water_us = MAX(high_water_us, excluded.high_water_us)",
+        (us,),
+    )
