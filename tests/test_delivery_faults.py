@@ -345,15 +345,15 @@ def test_a_given_up_delivery_sends_nothing_after_the_reconnect(env: Env, agents:
         requester.publish(built, [home_topic(env)])
         event, details = agent.wait_delivery_end(built.jti)
         assert event == "delivery_failed", details
+        assert paho_holds(agent) == 0  # nothing left that paho would send after the reconnect
         proxy.cut()  # what the dead link held is lost; the agent reconnects
         proxy.release()
         assert agent.transport.wait_until(lambda t: t.counters()["connects"] >= 2 and t.ready, WAIT + 60)
         got = everything_received(env, requester, built.jti)
         chunks = {n for p in got.pending.values() for n in p.chunks}
         assert not any(p.complete for p in got.pending.values()), chunks
-        assert paho_holds(agent) == 0
         assert chunks <= set(range(details["chunks_handed"])) and details["chunks_handed"] < details["chunks"]
-        assert "deadline" in details["reason"] and outbox_files(env) == []
+        assert "deadline" in details["reason"] and not [f for f in outbox_files(env) if f.startswith(built.jti)]
     finally:
         requester.close()
 

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from agent.state.replay import ReplayMemory
 from tests import protocol_signing as ps
-
-UTC = timezone.utc
 
 
 def sha(text: str) -> str:

@@ -9,7 +9,8 @@ the stored request again against the rules and trust store of the moment.
 What it guarantees, and how:
 
 - **A grant is checked again whenever its delivery runs.** Before a delivery starts or resumes
-  (including after a restart, and after every reconnect while it runs) the stored request is
+  (after a restart, and after every reconnect while it runs, before anything is handed over
+  again) the stored request is
   decided again (:class:`Regrant`). A refusal ends it (``delivery_refused``, naming the reason)
   and deletes the outbox copy. The delivery's window is the re-check's window, never wider than
   the one logged for the grant. A transient refusal (the clock not synchronized yet, the trust
@@ -20,10 +21,12 @@ What it guarantees, and how:
   waiting behind another delivery, or found in the outbox at start-up.
 - **Nothing goes out after the kill switch.** The switch is read right before every message is
   handed to the network and every ``POLL_S`` while waiting. Messages are handed to paho only
-  while connected, never queued for a later connection. When the switch cuts a delivery (or it
-  is given up or refused) the messages still in flight are withdrawn from paho
-  (:meth:`~agent.sharing.transport.MqttTransport.withdraw`): paho forgets them and drops their
-  packets if not a byte was written, so nothing of the delivery leaves after a reconnect. At most
+  while connected, never queued for a later connection, and when a connection drops paho lets go
+  of them (the transport sees to it) rather than sending them again by itself after the
+  reconnect; the worker hands them over again, in order, after deciding again. When the switch
+  cuts a delivery (or it is given up or refused) the messages still in flight are withdrawn from
+  paho (:meth:`~agent.sharing.transport.MqttTransport.withdraw`): paho forgets them and drops
+  their packets if not a byte was written, so nothing of the delivery leaves later. At most
   ``DELIVERY_WINDOW`` chunks await their PUBACK at once, so a clip of more chunks than that can
   still be cut.
 - **The log says what the requester can have received**: ``chunks`` (N), ``chunks_acked``,
@@ -155,6 +158,8 @@ class _Attempt:
     manifest_acked: bool = False
     manifest_queued: bool = False
     acked: set[int] = field(default_factory=set)
+    left: set[int] = field(default_factory=set)  # chunks that may have reached the network on a connection since lost
+    manifest_left: bool = False
 
 
 class _Again(Exception):
@@ -388,6 +393,7 @@ class DeliveryWorker:
             self._sweep()
             if self.transport.connected and self.transport.generation != generation:
                 if generation is not None:  # a reconnect: the rules may have changed while we were away
+                    self._resync(a)
                     ended = self._recheck_midway(job, a)
                     if ended is not None:
                         return ended
@@ -400,7 +406,37 @@ class DeliveryWorker:
                                     manifest_handed=True, bytes=size, granted=job.window)
             self._wait(job, a)
 
+    def _resync(self, a: _Attempt) -> None:
+        """After a reconnect: what was in flight on the lost connection is handed over again, in order.
+
+        The transport had paho let go of it when the connection dropped (so nothing goes out before
+        the re-check); here each message learns whether its PUBACK came in first, and what of it may
+        have left, for the log.
+        """
+        handed = [m for m in a.inflight if m.mid is not None]
+        recalled = self.transport.withdraw([m.mid for m in handed if m.mid is not None])
+        for m in handed:
+            assert m.mid is not None
+            what = recalled.get(m.mid, Recall.ON_WIRE)
+            m.mid, m.retry_at = None, 0.0
+            if what is Recall.ACKED:
+                a.inflight.remove(m)
+                if m.index < 0:
+                    a.manifest_acked = True
+                else:
+                    a.acked.add(m.index)
+            elif what.may_have_left:
+                self._note_left(a, m)
+
+    @staticmethod
+    def _note_left(a: _Attempt, m: _Msg) -> None:
+        if m.index < 0:
+            a.manifest_left = True
+        else:
+            a.left.add(m.index)
+
     def _recheck_midway(self, job: DeliveryJob, a: _Attempt) -> str | None:
+        """The grant decided again after a reconnect, before anything more is handed over."""
         verdict = self.regrant(job, self.clock.now())
         if verdict.transient:
             return None  # judged again at the next reconnect, or when it starts over
@@ -474,6 +510,10 @@ class DeliveryWorker:
                 a.acked.add(msg.index)
             if self.events:
                 self.events("sent", job, {"topic": msg.topic, "chunks_acked": len(a.acked)})
+        elif outcome.lost:  # the connection dropped first; paho let go of it: hand it over again once connected
+            if outcome.may_have_left:
+                self._note_left(a, msg)
+            msg.mid, msg.retry_at = None, 0.0
         elif outcome.reason_code is not None:  # the broker refused it; paho has let go of it: hand it over again
             log.warning("the broker refused %s (%s); handing it over again in %g s", msg.topic, outcome.reason,
                         REFUSED_RETRY_S)
@@ -485,8 +525,8 @@ class DeliveryWorker:
         """Withdraw everything in flight; returns (chunks that may have reached the network, manifest too)."""
         handed = [m for m in a.inflight if m.mid is not None]
         recalled = self.transport.withdraw([m.mid for m in handed if m.mid is not None])
-        left = set(a.acked)
-        manifest_left = a.manifest_acked
+        left = a.acked | a.left
+        manifest_left = a.manifest_acked or a.manifest_left
         for m in handed:
             what = recalled.get(m.mid, Recall.ON_WIRE) if m.mid is not None else Recall.WITHDRAWN
             if what is Recall.ACKED and m.index >= 0:

@@ -42,13 +42,18 @@ Choices, and why:
 - **No request is lost to a flood.** paho's network thread never waits on a
   disk: it appends to an in-memory stage that the writer empties in one
   transaction per batch (group commit), so thousands of messages a second
-  cost a few hundred fsyncs. Receive Maximum (64 by default) on the CONNECT
-  still bounds what the broker sends ahead of our PUBACKs; Mosquitto before
-  2.0.13 (Debian 12 ships 2.0.11) overshoots it (eclipse/mosquitto#2306),
-  which the stage absorbs. The stage is bounded too: if the disk stops taking
-  messages, the network thread waits for room (briefly), then leaves further
-  messages unacknowledged with the broker, which offers them again after a
-  reconnect (``inbox_unwritable``). Only when the inbox itself holds its bound
+  cost a few hundred fsyncs, and their PUBACKs leave in one write per commit.
+  Receive Maximum on the CONNECT (1024 by default) lets the broker send ahead
+  of our PUBACKs, because what it holds back waits in its per-client queue,
+  which Mosquitto caps by dropping; Mosquitto before 2.0.13 (Debian 12 ships
+  2.0.11) overshoots it anyway (eclipse/mosquitto#2306). paho's thread must
+  therefore read as fast as messages come: :class:`_BoundedClient` reads in
+  large chunks and decodes a plain PUBLISH itself, and the service's decision
+  worker steps aside while bytes wait unread on the connection. The stage, in
+  memory, is bounded (a full stage stops paho reading, and TCP holds the broker
+  back): if the disk stops taking messages, the network thread waits for room
+  (briefly), then leaves further messages unacknowledged with the broker, which
+  offers them again after a reconnect (``inbox_unwritable``). Only when the inbox itself holds its bound
   are messages dropped, acknowledged so they cannot pin the broker's in-flight
   window, and counted (``inbox_full``, shown by ``doorbell-agent status``).
 - **Size limit**: payloads over 16384 bytes are counted as ``oversize`` and
@@ -66,7 +71,10 @@ Choices, and why:
   (:meth:`withdraw`, :mod:`agent.sharing.outgoing`): paho forgets it and
   drops its packet if no byte of it was written yet, so nothing the agent
   gave up on (a delivery the kill switch stopped) leaves after a reconnect.
-  paho still resends, after a reconnect, what is in flight and not given up.
+  When a connection drops, paho lets go of every outgoing message it holds
+  (:meth:`_let_go_of_outgoing`) instead of resending it by itself after the
+  CONNACK; :meth:`wait_published` reports it as lost, and the caller hands it
+  over again, in its own order, after deciding whether it still may.
 - **Reconnect** with exponential backoff (paho ``reconnect_delay_set`` and its
   network thread), 1 s doubling to 60 s; never a busy loop.
 """
@@ -207,6 +215,11 @@ class PublishOutcome:
     reason: str
     """The broker's reason in words ("Success", "Not authorized", ...) or why we gave up."""
     reason_code: int | None = None
+    lost: bool = False
+    """The connection dropped before the PUBACK, and paho let go of the message: hand it over again
+    (after deciding whether to) once connected. See :meth:`MqttTransport._let_go_of_outgoing`."""
+    may_have_left: bool = False
+    """For a lost message: at least part of it was written to the network, so the broker may have it."""
 
 
 @dataclass(frozen=True)
@@ -326,6 +339,10 @@ class _BoundedClient(mqtt.Client):
         if qos == 1 and not self._manual_ack:
             return self._send_puback(mid)
         return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def unparsed_bytes(self) -> int:
+        """Bytes read from the socket that paho has not parsed yet (read from any thread: a hint, not a count)."""
+        return max(0, len(self._rbuf) - self._rbuf_pos)
 
     def ack_many(self, mids: Sequence[int]) -> MQTTErrorCode:
         """PUBACK (success) for these QoS 1 messages, as one write.
@@ -479,6 +496,7 @@ class MqttTransport:
         self.session_file = session_file
         self._session_filters = self._load_session_filters()
         self._acks: dict[int, ReasonCode] = {}
+        self._lost: dict[int, Recall] = {}  # outgoing messages let go of when a connection dropped
         self._client: mqtt.Client | None = None
         # Receiving: paho's thread stages, the writer stores and acknowledges, the worker reads.
         self._work = threading.Condition(self._lock)  # wakes the writer: something staged or done
@@ -627,22 +645,23 @@ class MqttTransport:
                 self._work.wait_for(partial(self._stored_since, stored), timeout=left)
 
     def unread_bytes(self) -> int:
-        """Bytes the broker sent that paho has not read yet (kernel and TLS buffers): > 0 means it is behind.
+        """Bytes the broker sent that paho has not parsed yet: > 0 means it is behind.
 
-        For the decision worker, which steps aside while paho catches up (see the service's pacing).
-        Any error (no connection, a socket closing meanwhile) reads as 0.
+        For the decision worker, which steps aside while paho catches up (see the service's pacing):
+        what waits in the kernel's receive buffer (``FIONREAD``, safe from any thread; never the TLS
+        object, which only paho's thread may touch) plus what :class:`_BoundedClient` has read but not
+        parsed. Any error (no connection, a socket closing meanwhile) reads as 0.
         """
         c = self._client
         sock = c.socket() if c is not None else None
-        if sock is None:
+        if c is None or sock is None:
             return 0
         try:
             waiting = array.array("i", [0])
             fcntl.ioctl(sock.fileno(), termios.FIONREAD, waiting, True)
-            pending = sock.pending() if isinstance(sock, ssl.SSLSocket) else 0
-            return int(waiting[0]) + pending
         except (OSError, ValueError):
             return 0
+        return int(waiting[0]) + (c.unparsed_bytes() if isinstance(c, _BoundedClient) else 0)
 
     def _stored_since(self, seen: int) -> bool:
         return self._stored != seen or self._state is ConnectionState.STOPPED
@@ -717,16 +736,22 @@ class MqttTransport:
     def wait_published(self, mid: int, timeout: float, *, abandon: bool = True) -> PublishOutcome:
         """Wait for the PUBACK of a message handed over by :meth:`publish_nowait`.
 
-        ``abandon=False`` keeps listening for a late PUBACK, for a caller that will wait again
-        (paho resends unacknowledged messages after a reconnect under the same id). Otherwise a
-        message not acknowledged in time is withdrawn (:meth:`withdraw`): it is not sent again,
-        though what was already written to the network may still arrive.
+        ``abandon=False`` keeps listening for a late PUBACK, for a caller that will wait again.
+        Otherwise a message not acknowledged in time is withdrawn (:meth:`withdraw`): it is not
+        sent again, though what was already written to the network may still arrive. A message
+        whose connection dropped first comes back at once as ``lost`` (see :class:`PublishOutcome`).
         """
         with self._changed:
             self._changed.wait_for(
-                lambda: mid in self._acks or self._state is ConnectionState.STOPPED, timeout=timeout
+                lambda: mid in self._acks or mid in self._lost or self._state is ConnectionState.STOPPED,
+                timeout=timeout,
             )
             acked = mid in self._acks
+            if not acked and mid in self._lost:
+                left = self._lost.pop(mid).may_have_left
+                self._counters["publish_failed"] += 1
+                return PublishOutcome(False, "the connection to the broker was lost before its PUBACK", lost=True,
+                                      may_have_left=left)
             if not acked and not abandon and self._state is not ConnectionState.STOPPED:
                 return PublishOutcome(False, f"no PUBACK yet after {timeout:g} s")
         if not acked:
@@ -761,10 +786,13 @@ class MqttTransport:
         received it. Never call this while holding the transport's lock.
         """
         c = self._client
+        with self._changed:
+            lost = {mid: self._lost.pop(mid) for mid in mids if mid in self._lost}
         if c is None or not mids:
-            return {mid: Recall.WITHDRAWN for mid in mids}
+            return {mid: lost.get(mid, Recall.WITHDRAWN) for mid in mids}
         assert isinstance(c, RecallableClient)
-        result = c.withdraw(mids)
+        result = c.withdraw([mid for mid in mids if mid not in lost])
+        result.update(lost)
         with self._changed:
             for mid, what in result.items():
                 if what is Recall.ACKED:
@@ -941,9 +969,36 @@ class MqttTransport:
                 if reason_code.is_failure:
                     self._last_error = f"lost the broker connection: {reason_code}"
             self._changed.notify_all()
+        self._let_go_of_outgoing()
         if was_connected:
             log.warning("disconnected from the broker (%s); reconnecting with backoff", reason_code)
             self._emit(f"disconnected: {reason_code}")
+
+    def _let_go_of_outgoing(self) -> None:
+        """paho's thread, the connection just lost: paho forgets every outgoing message it still holds.
+
+        Otherwise paho sends them again by itself right after the CONNACK, before the agent has had
+        a chance to look: a delivery the rules no longer allow, or one the kill switch stopped during
+        the outage, would leave, and ahead of messages the agent hands over meanwhile. Each is
+        reported to :meth:`wait_published` as lost (and whether it may have reached the broker); the
+        caller hands it over again, in its own order, once connected. QoS 1 needs no more than that:
+        the broker keeps no state for a PUBLISH it did not acknowledge, so a copy under a new packet
+        id is the same as the DUP paho would have sent. Runs after ``_state`` left CONNECTED, so no
+        new message can be handed over meanwhile.
+        """
+        c = self._client
+        if not isinstance(c, RecallableClient):
+            return
+        with c._out_message_mutex:
+            mids = list(c._out_messages)
+        if not mids:
+            return
+        recalled = c.withdraw(mids)
+        with self._changed:
+            for mid, what in recalled.items():
+                if what is not Recall.ACKED:
+                    self._lost[mid] = what
+            self._changed.notify_all()
 
     def _handle_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
                           reason_codes: list[ReasonCode], properties: Properties | None) -> None:
@@ -1141,39 +1196,40 @@ class MqttTransport:
         with self._lock:
             c, generation = self._client, self._generation
             connected = self._state is ConnectionState.CONNECTED
-        acked = skipped = stored = 0
-        full: list[IncomingMessage] = []
-        owed: list[int] = []  # QoS 1 packet ids to PUBACK on this connection, in one write
-        for msg, mid in zip(batch, ids, strict=True):
-            if mid is None:
-                full.append(msg)
-            else:
-                stored += 1
-            if msg.qos == 0:
-                continue
-            if c is None or not connected or msg.generation != generation:
-                skipped += 1
-            elif msg.qos == 1:
-                owed.append(msg.mid)
-            elif c.ack(msg.mid, msg.qos) == MQTTErrorCode.MQTT_ERR_SUCCESS:
-                acked += 1
-            else:
-                skipped += 1
-        if owed:
-            assert isinstance(c, _BoundedClient)
-            ok = c.ack_many(owed) == MQTTErrorCode.MQTT_ERR_SUCCESS
-            acked, skipped = (acked + len(owed), skipped) if ok else (acked, skipped + len(owed))
-        with self._changed:
-            self._counters["received"] += stored
-            self._counters["inbox_full"] += len(full)
-            self._counters["acked"] += acked
-            self._counters["ack_skipped"] += skipped
-            self._staged_count -= len(batch)
-            self._staged_bytes -= sum(len(m.payload) for m in batch)
-            if stored:
-                self._stored += 1
-            self._changed.notify_all()  # paho's thread waiting for room on the stage
-            self._work.notify_all()  # get() waiting for a stored message
+        acked = skipped = 0
+        stored = sum(1 for mid in ids if mid is not None)
+        full = [msg for msg, mid in zip(batch, ids, strict=True) if mid is None]
+        try:
+            owed: list[int] = []  # QoS 1 packet ids to PUBACK on this connection, in one write
+            for msg in batch:
+                if msg.qos == 0:
+                    continue
+                if c is None or not connected or msg.generation != generation:
+                    skipped += 1
+                elif msg.qos == 1:
+                    owed.append(msg.mid)
+                elif c.ack(msg.mid, msg.qos) == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    acked += 1
+                else:
+                    skipped += 1
+            if owed:
+                assert isinstance(c, _BoundedClient)
+                ok = c.ack_many(owed) == MQTTErrorCode.MQTT_ERR_SUCCESS
+                acked, skipped = (acked + len(owed), skipped) if ok else (acked, skipped + len(owed))
+        except Exception:  # stored all the same; without its PUBACK the broker offers it again after a reconnect
+            log.exception("could not acknowledge stored messages")
+        finally:
+            with self._changed:  # whatever happened above, the stage must not stay full of written messages
+                self._counters["received"] += stored
+                self._counters["inbox_full"] += len(full)
+                self._counters["acked"] += acked
+                self._counters["ack_skipped"] += skipped
+                self._staged_count -= len(batch)
+                self._staged_bytes -= sum(len(m.payload) for m in batch)
+                if stored:
+                    self._stored += 1
+                self._changed.notify_all()  # paho's thread waiting for room on the stage
+                self._work.notify_all()  # get() waiting for a stored message
         if full:
             log.warning("the inbox holds its limit of %d messages / %d bytes; dropped %d message(s)",
                         self._inbox.max_messages if self._inbox else 0, self._inbox.max_bytes if self._inbox else 0,

@@ -780,7 +780,7 @@ def _counts(agent: _Agent) -> tuple[dict[str, int], dict[str, int], int]:
     pre: dict[str, int] = {}
     for row in agent.svc.accesslog.rejection_counts():
         pre[row["reason"]] = pre.get(row["reason"], 0) + row["count"]
-    return agent.sharing.transport.counters(), pre, agent.svc.accesslog.head()[0]
+    return agent.transport.counters(), pre, agent.svc.accesslog.head()[0]
 
 
 def _flood_phase(env: _Env, agent: _Agent, agency: _Agency, rec: Any, pool: list[bytes],
@@ -814,7 +814,7 @@ def _flood_phase(env: _Env, agent: _Agent, agency: _Agency, rec: Any, pool: list
             next_copy = time.monotonic() + (retry_s or FLOOD_S)
 
         while time.monotonic() < t_go + FLOOD_S:  # sample the transport's queue; publish the valid one mid-way
-            max_queued = max(max_queued, agent.sharing.transport.queued)
+            max_queued = max(max_queued, agent.transport.queued)
             maybe_publish()
             time.sleep(0.02)
         result = json.loads(_readline(proc, 40))
@@ -824,13 +824,13 @@ def _flood_phase(env: _Env, agent: _Agent, agency: _Agency, rec: Any, pool: list
         last, last_change = None, time.monotonic()
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
-            max_queued = max(max_queued, agent.sharing.transport.queued)
+            max_queued = max(max_queued, agent.transport.queued)
             maybe_publish()
             tr, pre, _ = _counts(agent)
-            now_counts = (tr.get("received", 0), tr.get("queue_full", 0), sum(pre.values()))
+            now_counts = (tr.get("received", 0), tr.get("inbox_full", 0), sum(pre.values()))
             if now_counts != last:
                 last, last_change = now_counts, time.monotonic()
-            elif time.monotonic() - last_change >= 2.0 and agent.sharing.transport.queued == 0 \
+            elif time.monotonic() - last_change >= 2.0 and agent.transport.queued == 0 \
                     and (not retry_s or valid.jti in agent.hooks.first or time.monotonic() >= retry_until):
                 break
             time.sleep(0.1)
@@ -852,7 +852,7 @@ def _flood_phase(env: _Env, agent: _Agent, agency: _Agency, rec: Any, pool: list
         "valid_jti": valid.jti, "reason": reason, "latency_s": latency, "copies": copies, "delivered": delivered,
         "result": result, "t_go": t_go, "t_pub_end": t_pub_end, "drained_at": last_change, "max_queued": max_queued,
         "received": tr1.get("received", 0) - tr0.get("received", 0),
-        "queue_full": tr1.get("queue_full", 0) - tr0.get("queue_full", 0),
+        "queue_full": tr1.get("inbox_full", 0) - tr0.get("inbox_full", 0),  # dropped with the inbox full
         "pre_added": pre_added, "pre_total": sum(pre_added.values()),
         "entries": [(e.seq, e.jti, e.outcome) for e in new_entries],
         "other_entries": sum(1 for e in new_entries if e.jti != valid.jti),
@@ -921,8 +921,8 @@ def _flood_notes(f: dict[str, Any], agent: _Agent) -> None:
     r = f["result"]
     print(f"    publisher: {r['sent']} sent, {r['acked']} PUBACKs ({r['failed']} with a failure code) in "
           f"{r['ack_s']:.1f} s, broker Receive Maximum {r['window']}; agent transport: received {f['received']}, "
-          f"queue_full {f['queue_full']} (max queue depth seen {f['max_queued']} of 256; the agent asks for Receive "
-          f"Maximum {agent.sharing.transport._receive_maximum}); dropped by the broker (per-client queue limit): about "
+          f"inbox_full {f['queue_full']} (max inbox depth seen {f['max_queued']}; the agent asks for Receive "
+          f"Maximum {agent.transport._receive_maximum}); dropped by the broker (per-client queue limit): about "
           f"{r['acked'] + f['copies'] - f['received'] - f['queue_full']}", flush=True)
     print(f"    pre-auth counters added: {f['pre_added']}; access log added: "
           f"{[(seq, 'valid' if j == f['valid_jti'] else j, o) for seq, j, o in f['entries']]}; "
