@@ -501,6 +501,45 @@ def test_a_resumed_delivery_is_decided_again(env: Env, agents: list[Agent], writ
     assert [r for j, r in log_reasons(env) if j == jti] == ["granted", event]
 
 
+def test_a_delivery_resumed_after_an_outage_is_decided_again(env: Env, agents: list[Agent]) -> None:
+    """The broker goes away in the middle of a delivery and the resident revokes the agency's key meanwhile.
+    When the broker is back, the grant is decided again before anything more is handed over (paho no longer
+    resends what it held by itself): the delivery is refused, and the requester never holds the clip."""
+    requester = Agency(env, "persistent-t14", clean_start=False)
+    try:
+        agents.append(agent := Agent(env))
+        down = threading.Event()
+
+        def on_event(event: str, job, details: dict) -> None:  # type: ignore[no-untyped-def]
+            agent.events.put((event, job.jti, details))
+            if event == "sent" and details["topic"].endswith("/manifest") and not down.is_set():
+                env.broker.stop()
+                revoke_key(env)
+                down.set()
+
+        agent.svc.delivery_events = on_event
+        built = requester.request(window=long_window(env))
+        requester.publish(built, [home_topic(env)])
+        assert down.wait(WAIT)
+        assert agent.transport.wait_until(lambda t: t.state is not ConnectionState.CONNECTED, WAIT)
+        env.broker.start()
+        event, details = agent.wait_delivery_end(built.jti)
+        assert event == "delivery_refused" and details["reason"] == "key_not_valid", details
+        assert paho_holds(agent) == 0
+        trust = load_trust_store(env.cfg.paths.trust_file)
+        trust.restore("jpd-test")  # so that the sentinel request of everything_received is granted
+        save_trust_store(trust, env.cfg.paths.trust_file)
+        sender = Agency(env, "sentinel-t14")
+        try:
+            got = everything_received(env, requester, built.jti, via=sender)
+        finally:
+            sender.close()
+        chunks = {n for p in got.pending.values() for n in p.chunks}
+        assert not any(p.complete for p in got.pending.values()) and chunks <= set(range(details["chunks_handed"]))
+    finally:
+        requester.close()
+
+
 def test_a_grant_does_not_count_against_its_own_delivery(env: Env, agents: list[Agent],
                                                         write_config: Callable[[str], Path]) -> None:
     """The re-check counts the issuer's grants of the last 24 hours (step 21) without the one being

@@ -96,7 +96,7 @@ _EVENT_WORDS = {
     "delivered": "the footage was delivered",
     "delivery_cut": "the delivery was stopped by the kill switch",
     "delivery_failed": "the delivery failed",
-    "delivery_refused": "approved, but no longer allowed when it was to be sent: nothing was shared",
+    "delivery_refused": "stopped: when it was to be sent, your rules or trusted keys no longer allowed it",
 }
 _CHANGE_WORDS = {
     "killswitch_on": "the kill switch was turned ON: nothing is shared",
@@ -154,6 +154,12 @@ def _entry_lines(e: LogEntry, tz: tzinfo) -> list[str]:
         extra = []
         if isinstance(d.get("bytes"), int):
             extra.append(f"{d['bytes']:,} bytes")
+        if e.outcome != "delivered" and isinstance(d.get("chunks_handed"), int):
+            # What the agency can hold: a delivery short of its last chunk can never be opened.
+            of = f" of {d['chunks']}" if isinstance(d.get("chunks"), int) else ""
+            extra.append(f"{d['chunks_handed']}{of} chunks may have reached the agency")
+        if e.outcome in ("delivery_refused", "delivery_failed") and isinstance(d.get("reason"), str):
+            extra.append(f"why: {d['reason']}")
         if d.get("delivery_id"):
             extra.append(f"delivery {d['delivery_id']}")
         tail = f" ({', '.join(extra)})" if extra else ""

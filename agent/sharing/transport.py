@@ -756,8 +756,10 @@ class MqttTransport:
                 return PublishOutcome(False, f"no PUBACK yet after {timeout:g} s")
         if not acked:
             # Outside our lock: paho's thread takes its message lock before ours (on_publish).
-            if self.withdraw([mid]).get(mid) is Recall.ACKED:
-                return self.wait_published(mid, 0.0, abandon=abandon)  # the PUBACK came in just now
+            came_in = self.withdraw([mid]).get(mid) is Recall.ACKED  # the PUBACK came in just now?
+            with self._changed:
+                acked = came_in and mid in self._acks
+        if not acked:
             with self._changed:
                 self._counters["publish_failed"] += 1
                 if self._state is ConnectionState.STOPPED:

@@ -31,6 +31,7 @@ link (default 120).
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import random
@@ -297,7 +298,11 @@ def run(report: Report) -> None:
     from agent.sharing.delivery import POLL_S
 
     rng = random.Random(SEED)
+    agent_log = logging.getLogger("agent")
+    stack_level = agent_log.level
+    agent_log.setLevel(logging.ERROR)  # one "kill switch engaged" warning per delivery would bury the figures
     with tempfile.TemporaryDirectory(prefix="bench-killswitch-") as tmp, ExitStack() as stack:
+        stack.callback(agent_log.setLevel, stack_level)
         b = _setup(Path(tmp), stack)
         window = (b.now - timedelta(seconds=CLIP_S + 3), b.now - timedelta(seconds=3))
         b.proxy.accept()
