@@ -82,3 +82,14 @@ def general(claims: dict[str, Any] | bytes | str, kids: list[str], signers: list
         p = _b64json(header(kid))
         sigs.append({"protected": p, "signature": signature((signers or kids)[i], p, pl)})
     return json.dumps({"payload": pl, "signatures": sigs}).encode()
+
+
+def reserialized(compact_message: str, spaces: int) -> bytes:
+    """A captured compact request rewritten as general JSON, ``spaces`` wide: new bytes, the same valid signature.
+
+    What anyone who can read and publish on the request topics can make of a request, without any key.
+    """
+    protected, payload, sig = compact_message.split(".")
+    pad = " " * spaces
+    return (f'{{{pad}"payload":{pad}"{payload}",{pad}"signatures":[{{"protected":"{protected}",'
+            f'"signature":"{sig}"}}]}}').encode()

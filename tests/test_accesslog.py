@@ -16,12 +16,16 @@ from typing import Any
 import pytest
 from cryptography.exceptions import InvalidSignature
 
+from agent.protocol.decision import Decision, Reason
 from agent.protocol.jose import sign_compact
-from agent.state.accesslog import AccessLog, AccessLogError
+from agent.protocol.request import FootageRequest
+from agent.state.accesslog import REFUSALS_LISTED_PER_AGENCY_PER_HOUR, AccessLog, AccessLogError
 from agent.state.clock import FixedClock
 from agent.state.devicekey import DeviceKey
 from agent.state.logverify import TailRules
 from agent.state.pin import PinError, pin_path
+from agent.timeutil import format_utc
+from tests.protocol_signing import base_claims
 
 UTC = UTC
 NOW = datetime(2026, 12, 3, 18, 0, 0, tzinfo=UTC)
@@ -681,3 +685,117 @@ def test_summary_counts_requests_outcomes_and_minutes(db: Path) -> None:
     assert s["refused_by_reason"] == {"outside_geofence": 1, "rate_limited": 1}
     assert s["deliveries"] == 2 and s["minutes_shared"] == 42.0
     assert s["your_changes"] == {"killswitch_on": 1} and s["ignored_before_authentication"] == 7
+
+
+# --- one entry per request and reason; an hourly limit per agency ------------------------------------
+
+
+def refusal(i: int, reason: str, *, iss: str = "jackson-pd", exp: datetime = NOW + timedelta(minutes=10)) -> Decision:
+    """A real decision on an authenticated request (the vectors' base claims under jti ``i``)."""
+    claims = {**base_claims(), "jti": f"req-{i:04d}-test-aaaaaaaa", "iss": iss, "exp": int(exp.timestamp()),
+              "iat": int(exp.timestamp()) - 600}
+    return Decision(Reason(reason), FootageRequest.from_claims(claims), ("jpd-2026a",), iss, f"{i:064x}")
+
+
+def test_a_request_gets_one_entry_per_reason_and_further_copies_are_counted_on_it(db: Path) -> None:
+    """A captured request re-sent 500 times after its exp, then 200 times re-serialized: two entries."""
+    log = AccessLog(db)
+    assert log.record_refusal(refusal(1, "expired"), at=NOW) is not None
+    before = rows(db)
+    for _ in range(499):
+        assert log.record_refusal(refusal(1, "expired"), at=NOW + timedelta(minutes=1)) is None
+    assert rows(db) == before  # nothing appended, nothing updated in place
+    # Step 12: the expired copies did not use up the jti; the genuine copy gets its own entry.
+    granted, _ = log.append_decision(Decision(Reason.GRANTED, refusal(1, "expired").request, ("jpd-2026a",), "jackson-pd",
+                                              "ab" * 32, (NOW - timedelta(minutes=90), NOW - timedelta(minutes=60))), at=NOW)
+    replayed = log.record_refusal(refusal(1, "replayed"), at=NOW)
+    assert replayed is not None
+    for _ in range(199):
+        assert log.record_refusal(refusal(1, "replayed"), at=NOW) is None
+    entries = log.entries()
+    assert [e.outcome for e in entries] == ["expired", "granted", "replayed"]
+    assert log.more_copies(entries) == {1: 499, replayed[0]: 199}
+    assert log.refusals_not_listed() == [] and not log.decided_unlisted(entries[0].jti)
+    assert log.verify().ok
+
+
+def test_an_agencys_refusals_beyond_the_hourly_limit_are_counted_not_listed(db: Path) -> None:
+    limit = REFUSALS_LISTED_PER_AGENCY_PER_HOUR
+    log = AccessLog(db)
+    for i in range(limit + 30):  # a key holder signs request after request the resident's rules refuse
+        log.record_refusal(refusal(i, "outside_geofence"), at=NOW + timedelta(seconds=i))
+    log.record_refusal(refusal(9000, "expired"), at=NOW + timedelta(minutes=5))
+    log.record_refusal(refusal(9001, "wrong_issuer", iss="made-up-agency"), at=NOW + timedelta(minutes=5),
+                       agency="jackson-pd")  # counted against the agency whose key signed, not the claim
+    assert len(log.entries()) == limit
+    assert log.refusals_not_listed() == [
+        {"hour": "2026-12-03T18:00:00Z", "iss": "jackson-pd", "reason": "expired", "count": 1},
+        {"hour": "2026-12-03T18:00:00Z", "iss": "jackson-pd", "reason": "outside_geofence", "count": 30},
+        {"hour": "2026-12-03T18:00:00Z", "iss": "jackson-pd", "reason": "wrong_issuer", "count": 1},
+    ]
+    # A counted refusal that used up its jti (step 12 and later) is remembered, so an identical copy stays a
+    # duplicate; one by checks 5 to 11 (expired) is not, so the genuine copy can still be decided.
+    assert log.decided_unlisted(refusal(limit, "outside_geofence").request.jti)
+    assert not log.decided_unlisted(refusal(9000, "expired").request.jti)
+    # Another agency, and the next hour, are listed again; grants and events never count against the limit.
+    assert log.record_refusal(refusal(5000, "no_footage", iss="hinds-so"), at=NOW + timedelta(minutes=6)) is not None
+    decision(log, 6000, reason="granted", at=NOW + timedelta(minutes=7))
+    decision(log, 6001, reason="awaiting_resident", at=NOW + timedelta(minutes=7))
+    log.append_event("req-6001-test-aaaaaaaa", "approved", at=NOW + timedelta(minutes=8))
+    assert log.record_refusal(refusal(7000, "no_footage"), at=NOW + timedelta(hours=1)) is not None
+    assert [e.outcome for e in log.entries()][limit:] == ["no_footage", "granted", "awaiting_resident", "approved", "no_footage"]
+    # Remembered until exp + 60 s, then forgotten (any copy is expired by then, before step 12).
+    log.record_refusal(refusal(7001 + limit, "kill_switch"), at=NOW + timedelta(hours=2))
+    for i in range(limit):
+        log.record_refusal(refusal(7001 + i, "kill_switch", exp=NOW + timedelta(hours=3)), at=NOW + timedelta(hours=2))
+    assert not log.decided_unlisted(refusal(limit, "outside_geofence").request.jti)
+    assert log.verify().ok
+
+
+def executed(log: AccessLog, call: Callable[[], object]) -> list[str]:
+    """The query plans of the statements ``call`` runs on the log's connection."""
+    statements: list[str] = []
+    log._conn.set_trace_callback(statements.append)
+    try:
+        call()
+    finally:
+        log._conn.set_trace_callback(None)
+    plans = []
+    for sql in statements:
+        plans += [str(row[3]) for row in log._conn.execute("EXPLAIN QUERY PLAN " + sql)]
+    return plans
+
+
+def test_the_decisions_queries_do_not_read_the_whole_log(db: Path) -> None:
+    """Step 21 reads the agency's grants only, step 8 the newest entry only: not a scan of an agency's refusals."""
+    log = AccessLog(db)
+    fill(log, 20)
+    plans = executed(log, lambda: log.grants_since("jackson-pd", NOW - timedelta(hours=24)))
+    assert plans == ["SEARCH access_log USING INDEX access_log_grants (iss=? AND at_us>?)"]
+    assert executed(log, log.last_at) == ["SCAN access_log USING INDEX access_log_at"]  # newest first, LIMIT 1
+
+
+def test_cli_says_how_many_copies_and_refusals_were_counted(agent_dirs: tuple[Path, Path, DeviceKey]) -> None:
+    cfg, db, key = agent_dirs
+    now = datetime.now(UTC).replace(microsecond=0)
+    with AccessLog(db) as log:
+        for _ in range(500):
+            log.record_refusal(refusal(1, "expired", exp=now), at=now)
+        for i in range(2, REFUSALS_LISTED_PER_AGENCY_PER_HOUR + 12):
+            log.record_refusal(refusal(i, "outside_geofence", exp=now), at=now)
+    r = run_cli(cfg, "log", "show")
+    assert r.returncode == 0, r.stderr
+    assert "refused: the request had expired\n" in r.stdout
+    assert "and 499 more copies of this request, refused the same way (counted, not listed)" in r.stdout
+    assert "Refusals counted, not listed (beyond 100 per agency in an hour):" in r.stdout
+    assert "jackson-pd, 11 more (11 x your camera is outside the search area)" in r.stdout
+    doc = json.loads(run_cli(cfg, "log", "show", "--json").stdout)
+    assert [e["more_copies"] for e in doc["entries"][:2]] == [499, 0]
+    assert doc["refused_not_listed"] == [{"hour": format_utc(now.replace(minute=0, second=0)), "iss": "jackson-pd",
+                                          "reason": "outside_geofence", "count": 11}]
+    r = run_cli(cfg, "log", "summary")
+    assert ("Also refused, counted but not listed one by one: 499 more copies of requests listed above, refused the "
+            "same way; 11 refusals beyond 100 per agency in an hour (jackson-pd 11).") in r.stdout
+    s = json.loads(run_cli(cfg, "log", "summary", "--json").stdout)
+    assert (s["requests"], s["more_copies"], s["refused_not_listed"]) == (100, 499, 11)
+    assert s["refused_not_listed_by_reason"] == {"outside_geofence": 11}

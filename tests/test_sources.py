@@ -305,16 +305,30 @@ def test_stream_clock_reanchors_on_drift_and_camera_restart() -> None:
 
 
 class ScriptedCapture:
-    """Stands in for cv2.VideoCapture: this machine has no camera."""
+    """Stands in for cv2.VideoCapture on OpenCV's V4L2 backend (modules/videoio/src/cap_v4l.cpp):
+    this machine has no camera.
+
+    As the backend does: ``retrieve()`` after a good ``grab()`` returns ``(True, None)`` when the
+    MJPEG frame does not decode (``convertToRgb`` leaves the Mat empty, retrieveFrame still returns
+    true); ``get(CAP_PROP_FOURCC)`` is the format the driver granted, not the one asked for;
+    ``get(CAP_PROP_FPS)`` is the driver's rate, or -1 when ``VIDIOC_G_PARM`` fails;
+    ``get(CAP_PROP_POS_MSEC)`` is the last dequeued buffer's timestamp in ms (0 before the first).
+    """
 
     def __init__(self, frames: list[np.ndarray | None], *, opened: bool = True,
-                 offers: tuple[int, int] = (W, H), events: list[str] | None = None) -> None:
+                 offers: tuple[int, int] = (W, H), events: list[str] | None = None,
+                 fourcc: str = "MJPG", fps: float | None = None,
+                 stamps_ms: list[float] | None = None) -> None:
         self.frames = list(frames)
         self.opened = opened
         self.props: dict[int, float] = {}
         self.offers = offers
         self.events = events if events is not None else []
         self.released = False
+        self.granted_fourcc = fourcc
+        self.granted_fps = fps
+        self.stamps_ms = list(stamps_ms) if stamps_ms is not None else None
+        self.pos_ms = 0.0
 
     def isOpened(self) -> bool:  # noqa: N802
         return self.opened
@@ -328,16 +342,25 @@ class ScriptedCapture:
             return self.offers[0]
         if prop == cv2.CAP_PROP_FRAME_HEIGHT:
             return self.offers[1]
+        if prop == cv2.CAP_PROP_FOURCC:
+            return float(cv2.VideoWriter.fourcc(*self.granted_fourcc))
+        if prop == cv2.CAP_PROP_FPS:
+            return self.granted_fps if self.granted_fps is not None else self.props.get(prop, 30.0)
+        if prop == cv2.CAP_PROP_POS_MSEC:
+            return self.pos_ms
         return self.props.get(prop, 0.0)
 
     def grab(self) -> bool:
         self.events.append("grab")
-        return bool(self.frames)
+        if not self.frames:
+            return False
+        if self.stamps_ms:
+            self.pos_ms = self.stamps_ms.pop(0)
+        return True
 
     def retrieve(self) -> tuple[bool, np.ndarray | None]:
         self.events.append("retrieve")
-        img = self.frames.pop(0)
-        return img is not None, img
+        return True, self.frames.pop(0)
 
     def release(self) -> None:
         self.released = True
@@ -378,8 +401,11 @@ def test_v4l2_grey_frames_become_bgr() -> None:
     assert frame.image.shape == (H, W, 3) and (frame.image == 77).all()
 
 
-def test_v4l2_undecodable_frame_is_unavailable() -> None:
-    source = V4L2Source("/dev/video0", W, H, 15, open_capture=lambda dev: ScriptedCapture([None]))
+def test_v4l2_undecodable_frames_in_a_row_make_the_camera_unavailable() -> None:
+    from agent.buffer.capture.v4l2 import MAX_BAD_FRAMES
+
+    source = V4L2Source("/dev/video0", W, H, 15,
+                        open_capture=lambda dev: ScriptedCapture([None] * (MAX_BAD_FRAMES + 1)))
     source.open()
     with pytest.raises(SourceUnavailable, match="could not be decoded"):
         source.read()
@@ -437,13 +463,15 @@ def test_sensor_timestamps_become_wall_clock_microseconds() -> None:
     assert sensor_to_wall_us(mono_ns + 1_500_000, mono_ns, wall_ns) == START_US + 1_500
 
 
-def test_wall_clock_refreshes_its_offset_after_a_minute() -> None:
-    samples = iter([(0, START_US * 1000), (61 * 10**9, (START_US + 61_000_500) * 1000)])
+def test_wall_clock_follows_an_ntp_step_on_the_very_next_frame() -> None:
+    # Boot: the Pi 4 has no battery clock, so the wall clock starts an hour behind; NTP then steps it
+    # forward between two frames 66 ms apart. The frame after the step must carry it (it used to
+    # keep the stale offset for up to a minute, stamping frames an hour off).
+    step_ns = 3600 * 10**9
+    samples = iter([(10 * 10**9, START_US * 1000 - step_ns), (10_066_000_000, (START_US + 66_000) * 1000)])
     clock = WallClock(sample=lambda: next(samples))
-    assert clock.to_wall_us(10 * 10**9) == START_US + 10_000_000
-    # An NTP step of +500 µs happened meanwhile; the second sample carries it.
-    assert clock.to_wall_us(62 * 10**9) == START_US + 62_000_500
-
+    assert clock.to_wall_us(10 * 10**9) == START_US - step_ns // 1000
+    assert clock.to_wall_us(10_066_000_000) == START_US + 66_000
 
 def _annexb_access_units(pictures: list[np.ndarray]) -> list[tuple[bytes, bool]]:
     """What the Pi's hardware encoder hands picamera2: Annex-B access units with in-band SPS/PPS."""
@@ -506,12 +534,22 @@ def test_pi_sink_waits_for_a_keyframe_and_drops_to_the_next_one_when_full() -> N
     assert sink.get(timeout=0.01).capture_us == 12
 
 
-def test_pi_source_picks_its_mode_from_the_board() -> None:
+def test_pi_source_picks_its_mode_from_the_encoder_not_the_board_name() -> None:
     pi4 = parse_pi_model("Raspberry Pi 4 Model B Rev 1.5")
     pi5 = parse_pi_model("Raspberry Pi 5 Model B Rev 1.0")
-    assert Picamera2Source(model=pi4).kind == "encoded"
-    assert Picamera2Source(model=pi4, raw=True).kind == "raw"  # a privacy mask needs the pixels
-    assert Picamera2Source(model=pi5).kind == "raw"
+    assert Picamera2Source(model=pi4, hardware_encoder=True).kind == "encoded"
+    assert Picamera2Source(model=pi4, hardware_encoder=True, raw=True).kind == "raw"  # a mask needs the pixels
+    # A Pi 4 whose codec driver is not loaded (no /dev/video11) cannot use the encoder whatever its name.
+    assert Picamera2Source(model=pi4, hardware_encoder=False).kind == "raw"
+    assert Picamera2Source(model=pi5, hardware_encoder=False).kind == "raw"
+
+
+def test_hardware_encoder_is_found_by_its_device_node(tmp_path: Path) -> None:
+    from agent.buffer.capture.picamera2 import hardware_encoder_available
+
+    assert not hardware_encoder_available(tmp_path / "video11")
+    (tmp_path / "video11").write_bytes(b"")
+    assert hardware_encoder_available(tmp_path / "video11")  # picamera2 absent here: the node decides
 
 
 # -- factory -----------------------------------------------------------------------
@@ -525,7 +563,7 @@ def test_factory_picks_the_configured_camera(irregular_mp4: tuple[Path, list[int
     assert isinstance(f, StreamSource) and not f.live and not f.realtime and not f.want_raw
     cam = make_source(CameraConfig(source="rtsp", url="rtsp://10.0.0.5/h264"), realtime=False)
     assert isinstance(cam, StreamSource) and cam.live and cam.realtime  # a live camera is always real time
-    pi = Picamera2Source(model=parse_pi_model("Raspberry Pi 5 Model B Rev 1.0"))
+    pi = Picamera2Source(model=parse_pi_model("Raspberry Pi 5 Model B Rev 1.0"), hardware_encoder=False)
     assert all(isinstance(s, Source) for s in (usb, f, cam, pi)), "every camera speaks the Source interface"
 
 

@@ -492,7 +492,9 @@ class _SegmentWriter:
                 self.decoder = None  # a new stream may have new parameters
                 continue
             if isinstance(item, EncodedPacket):
-                if rec.mask is None:
+                # A source that blacked the mask out before its own encoder (the Pi camera's
+                # YUV buffer) says so: its packets are stored as they are.
+                if rec.mask is None or getattr(rec.source, "masks_applied", False):
                     self.add_packet(item)
                 else:
                     for frame in self.decode(item):

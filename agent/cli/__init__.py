@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     "agent.cli.conformance",
     "agent.cli.approvals",
     "agent.cli.demo",
+    "agent.cli.doctor",
 )
 
 COMMANDS: dict[str, str] = {
@@ -47,6 +48,7 @@ COMMANDS: dict[str, str] = {
     "approve": "agent.cli.approvals",
     "decline": "agent.cli.approvals",
     "demo": "agent.cli.demo",
+    "doctor": "agent.cli.doctor",
 }
 """The module that registers each command (tests/test_imports.py checks it against what they register)."""
 

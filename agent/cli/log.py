@@ -20,7 +20,7 @@ from agent.config import AgentConfig
 from agent.display import safe_text
 from agent.errors import UserError
 from agent.fsutil import read_status, write_atomically
-from agent.state.accesslog import AccessLog, AccessLogError, LogEntry
+from agent.state.accesslog import REFUSALS_LISTED_PER_AGENCY_PER_HOUR, AccessLog, AccessLogError, LogEntry
 from agent.state.devicekey import DeviceKey, DeviceKeyError
 from agent.state.logverify import Problem, TailRules, VerifyReport, is_thumbprint, verify_bundle, verify_rows
 from agent.state.pin import PinError, pin_path, read_pin, signing_key
@@ -199,18 +199,33 @@ def _log_show(args: argparse.Namespace) -> int:
     log = _open_log(cfg)
     entries = log.entries(since) if log else []
     counts = log.rejection_counts(since) if log else []
+    # Counted, not listed (AccessLog.record_refusal): copies of a listed request, and refusals beyond the hourly limit.
+    copies = log.more_copies(entries) if log else {}
+    not_listed = log.refusals_not_listed(since) if log else []
     if log:
         log.close()
     if args.json:
         print_json({
-            "entries": [e.to_json() for e in entries],
+            "entries": [{**e.to_json(), "more_copies": copies.get(e.seq, 0)} if e.type == "decision" else e.to_json()
+                        for e in entries],
             "rejected_before_authentication": counts,
+            "refused_not_listed": not_listed,
+            "refusals_listed_per_agency_per_hour": REFUSALS_LISTED_PER_AGENCY_PER_HOUR,
         })  # fmt: skip
         return 0
     if not entries:
         print("No requests in the access log" + (f" since {format_local(since, tz)}." if since else " yet."))
     for e in entries:
-        print("\n".join(safe_text(line) for line in _entry_lines(e, tz)))  # agency text cannot reorder or split a line
+        lines = _entry_lines(e, tz)
+        if copies.get(e.seq):
+            n = copies[e.seq]
+            lines.append(f"      and {n:,} more cop{'y' if n == 1 else 'ies'} of this request, refused the same way "
+                         "(counted, not listed)")
+        print("\n".join(safe_text(line) for line in lines))  # agency text cannot reorder or split a line
+    if not_listed:
+        print(f"Refusals counted, not listed (beyond {REFUSALS_LISTED_PER_AGENCY_PER_HOUR} per agency in an hour):")
+        for line in _not_listed_lines(not_listed, tz):
+            print(safe_text(line))
     if counts:
         totals: dict[str, int] = {}
         for c in counts:
@@ -218,6 +233,23 @@ def _log_show(args: argparse.Namespace) -> int:
         parts = ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in sorted(totals.items()))
         print(f"Messages ignored before any signature check (counted, not listed): {parts}.")
     return 0
+
+
+def _not_listed_lines(rows: list[dict[str, Any]], tz: tzinfo) -> list[str]:
+    """One line per hour and agency: how many refusals were only counted, and why."""
+    grouped: dict[tuple[str, str], dict[str, int]] = {}
+    for r in rows:
+        by_reason = grouped.setdefault((r["hour"], r["iss"]), {})
+        by_reason[r["reason"]] = by_reason.get(r["reason"], 0) + int(r["count"])
+    out = []
+    for (hour, iss), by_reason in grouped.items():
+        start = parse_utc_z(hour)
+        total = sum(by_reason.values())
+        why = ", ".join(f"{n:,} x {_REFUSAL_WORDS.get(reason, reason)}"
+                        for reason, n in sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0])))
+        out.append(f"  {format_local(start, tz)} to {format_local(start + timedelta(hours=1), tz)}: {iss}, "
+                   f"{total:,} more ({why})")
+    return out
 
 
 # ------------------------------------------------------------------------------ verify
@@ -522,7 +554,10 @@ def _log_summary(args: argparse.Namespace) -> int:
         s: dict[str, Any] = {"since": None, "until": None, "requests": 0, "agencies": {}, "granted": 0,
                              "granted_by_rules": 0, "approved_by_you": 0, "waiting_or_held": 0, "refused": 0,
                              "refused_by_reason": {}, "deliveries": 0, "deliveries_cut": 0, "deliveries_failed": 0,
-                             "minutes_shared": 0.0, "your_changes": {}, "ignored_before_authentication": 0}
+                             "minutes_shared": 0.0, "your_changes": {}, "ignored_before_authentication": 0,
+                             "more_copies": 0, "refused_not_listed": 0, "refused_not_listed_by_reason": {},
+                             "refused_not_listed_by_agency": {},
+                             "refusals_listed_per_agency_per_hour": REFUSALS_LISTED_PER_AGENCY_PER_HOUR}
     else:
         try:
             s = log.summary(since, until)
@@ -548,6 +583,16 @@ def _log_summary(args: argparse.Namespace) -> int:
             print(f"  {n} x {_REFUSAL_WORDS.get(reason, reason)}")
     else:
         print("Refused: none.")
+    counted = []
+    if s["more_copies"]:
+        counted.append(f"{s['more_copies']:,} more cop{'y' if s['more_copies'] == 1 else 'ies'} of requests listed above, "
+                       "refused the same way")
+    if s["refused_not_listed"]:
+        agencies = ", ".join(f"{iss} {n:,}" for iss, n in sorted(s["refused_not_listed_by_agency"].items()))
+        counted.append(f"{s['refused_not_listed']:,} refusals beyond {s['refusals_listed_per_agency_per_hour']} per agency "
+                       f"in an hour ({agencies})")
+    if counted:
+        print(safe_text("Also refused, counted but not listed one by one: " + "; ".join(counted) + "."))
     minutes = s["minutes_shared"]
     print(f"Footage shared: {minutes:g} minute(s) in {s['deliveries']} completed deliver{'y' if s['deliveries'] == 1 else 'ies'}"
           + (f"; {s['deliveries_cut']} stopped by your kill switch" if s["deliveries_cut"] else "")

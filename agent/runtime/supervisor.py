@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.config import AgentConfig, CameraConfig
 from agent.errors import UserError
+from agent.runtime.sdnotify import ServiceNotifier
 from agent.runtime.status import human_bytes
 
 if TYPE_CHECKING:
@@ -189,16 +190,19 @@ def run_components(cfg: AgentConfig, starters: Sequence[Callable[[AgentConfig], 
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, lambda signum, _frame: stop.set())
     handles: list[Component] = []
+    notifier = ServiceNotifier()  # READY=1 / WATCHDOG=1 for the systemd unit; nothing outside systemd
     try:
         for start in starters:
             handles.append(start(cfg))
         while not stop.wait(0.5):
+            notifier.poll(handles)
             if any(h.wait(0) for h in handles):
                 finished = [h.name for h in handles if h.wait(0)]
                 log.warning("stopping because %s finished", ", ".join(finished))
                 break
         log.info("stopping: finishing the segment being written")
     finally:
+        notifier.stopping()
         for h in handles:
             h.stop()
         for h in handles:

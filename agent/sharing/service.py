@@ -223,6 +223,21 @@ class _Regranting(_IgnoreSeen):
         return max(0, self._state.grants_since(iss, since) - own)
 
 
+def _signing_agency(d: Decision, trust: TrustStore) -> str:
+    """The agency a refusal counts against for the log's hourly limit: the one whose key signed.
+
+    That is the claim ``iss`` (step 5 checked a requester key of it signed), except when the refusal
+    is ``wrong_issuer``: then the claim is exactly what is wrong, and a key holder could otherwise
+    spread refusals over invented agency names. The signers' own ``iss`` (the first, in order) counts.
+    """
+    assert d.request is not None
+    if d.reason is Reason.WRONG_ISSUER:
+        signers = sorted({k.iss for k in (trust.get(kid) for kid in d.kids) if k is not None})
+        if signers:
+            return signers[0]
+    return d.request.iss
+
+
 class TrustCache:
     """The trust store, re-read when its file changes; unreadable means nothing verifies."""
 
@@ -271,6 +286,7 @@ class ServiceCounters:
     granted: int = 0
     held_for_approval: int = 0
     refused: int = 0
+    refusals_counted: int = 0  # refused, and counted rather than listed (a copy already listed, or over the hourly limit)
     delivered: int = 0
     delivery_cut: int = 0
     delivery_failed: int = 0
@@ -438,10 +454,16 @@ class RequestService:
             log.info("request %s from %s (case %s) is waiting for your approval: doorbell-agent pending",
                      req.jti, req.iss, req.case)
         else:
-            self.accesslog.append_decision(d, at=now)
+            # One entry per request and reason, and a limit per agency and hour: copies of a captured request
+            # (re-serialized, or sent after it expired) and a key holder's flood are counted, not listed.
+            listed = self.accesslog.record_refusal(d, at=now, agency=_signing_agency(d, trust))
             c.refused += 1
             why = f" ({self.state.unsynced_why})" if d.reason is Reason.CLOCK_UNSYNCED else ""
-            log.info("request %s from %s refused: %s%s", req.jti, req.iss, d.reason, why)
+            if listed is not None:
+                log.info("request %s from %s refused: %s%s", req.jti, req.iss, d.reason, why)
+            else:  # not one journal line per copy either
+                c.refusals_counted += 1
+                log.debug("request %s from %s refused: %s%s (counted, not listed)", req.jti, req.iss, d.reason, why)
         return d
 
     def _decision_loop(self) -> None:
@@ -572,8 +594,14 @@ class RequestService:
             self.delivery_events(event, job, details)
 
     def _logged(self, jti: str) -> bool:
-        """Whether a decision that used up ``jti`` is on the record (step 12: refusals by checks 1-11 do not)."""
-        return any(e.type == "decision" and e.outcome not in _BEFORE_REPLAY for e in self.accesslog.entries(jti=jti))
+        """Whether a decision that used up ``jti`` is on the record (step 12: refusals by checks 1-11 do not).
+
+        On the record means an entry, or a refusal over the hourly limit that was counted instead
+        (``AccessLog.record_refusal``): either way an identical copy is a duplicate, never decided afresh,
+        or a request refused while the kill switch was on could be granted once it is off.
+        """
+        return (any(e.type == "decision" and e.outcome not in _BEFORE_REPLAY for e in self.accesslog.entries(jti=jti))
+                or self.accesslog.decided_unlisted(jti))
 
     def _closing_event(self, jti: str) -> str | None:
         for e in self.accesslog.entries(jti=jti):

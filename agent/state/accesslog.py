@@ -28,7 +28,13 @@ Why it looks like this:
   next checkpoint says so, signed (``lost``).
 - **Floods do not grow it.** Messages that fail before a signature is verified
   (``oversize``, ``malformed``, ``unknown_key``, ``bad_signature``) are only
-  counted, per reason and per UTC hour.
+  counted, per reason and per UTC hour. Signed messages cannot be forged, but
+  a captured one can be re-sent for ever, re-serialized or after it expired:
+  a request gets at most one entry per reason, further copies are counted on
+  that entry; and an agency's refusals beyond
+  :data:`REFUSALS_LISTED_PER_AGENCY_PER_HOUR` in an hour are counted, not
+  listed (:meth:`AccessLog.record_refusal`). Counters live in tables of their
+  own, outside the chain: no entry is ever updated.
 - **Durable, shared.** SQLite in WAL mode with ``synchronous=FULL`` (an append
   is on disk when :meth:`AccessLog.append` returns); the agent appends while the
   homeowner's CLI reads; ``BEGIN IMMEDIATE`` serializes appends from
@@ -70,6 +76,7 @@ from agent.state.logverify import (
     verify_connection,
 )
 from agent.state.pin import ensure_pin, pin_path
+from agent.state.replay import CLOCK_BACK_TOLERANCE_S, KEEP_AFTER_EXP_S
 from agent.timeutil import format_utc, from_us, parse_utc_z, to_us
 
 log = logging.getLogger(__name__)
@@ -84,6 +91,10 @@ DECISION_REASONS = (
 EVENTS = ("approved", "declined_by_resident", "approval_expired", "delivered", "delivery_cut", "delivery_failed",
           "delivery_refused")
 GRANT_OUTCOMES = ("granted", "approved")
+REFUSALS_LISTED_PER_AGENCY_PER_HOUR = 100
+"""Authenticated refusals the log lists per agency and UTC hour (:meth:`AccessLog.record_refusal`); the rest
+are counted. Far more than an agency's honest mistakes in an hour, and it holds what a stolen or misused key
+can add to 2,400 entries a day. Grants, held requests and events are never limited."""
 RULE_CHANGES = (
     "killswitch_on", "killswitch_off", "trust_added", "trust_revoked", "trust_restored", "rules_changed",
     "rules_recorded", "approval_answered",
@@ -108,6 +119,8 @@ CREATE TABLE IF NOT EXISTS access_log (
 CREATE INDEX IF NOT EXISTS access_log_iss_at ON access_log (iss, at_us);
 CREATE INDEX IF NOT EXISTS access_log_jti ON access_log (jti);
 CREATE INDEX IF NOT EXISTS access_log_at ON access_log (at_us);
+-- Step 21 on every decision: the grants alone, so the query never walks an agency's refusals.
+CREATE INDEX IF NOT EXISTS access_log_grants ON access_log (iss, at_us) WHERE outcome IN ('granted', 'approved');
 CREATE TABLE IF NOT EXISTS access_log_checkpoints (
     id    INTEGER PRIMARY KEY,          -- the order they were signed in: the order of their prev chain
     seq   INTEGER NOT NULL,
@@ -122,6 +135,28 @@ CREATE TABLE IF NOT EXISTS preauth_counters (
     count  INTEGER NOT NULL,
     PRIMARY KEY (hour, reason)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS copy_counters (  -- not evidence: further copies of a request the log lists with that reason
+    jti     TEXT NOT NULL,
+    reason  TEXT NOT NULL,
+    count   INTEGER NOT NULL,
+    last_us INTEGER NOT NULL,           -- when the newest copy was counted
+    PRIMARY KEY (jti, reason)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS copy_counters_last ON copy_counters (last_us);
+CREATE TABLE IF NOT EXISTS refusal_counters (  -- not evidence: authenticated refusals per UTC hour and agency
+    hour     TEXT NOT NULL,             -- UTC hour, e.g. 2026-12-03T17:00:00Z
+    iss      TEXT NOT NULL,             -- the agency whose key signed
+    reason   TEXT NOT NULL,
+    listed   INTEGER NOT NULL,          -- written to the log (counted in the entry's own transaction)
+    unlisted INTEGER NOT NULL,          -- over the hourly limit: only counted here
+    PRIMARY KEY (hour, iss, reason)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS unlisted_decisions (  -- not evidence: refusals over the limit that used up their jti
+    jti        TEXT PRIMARY KEY,
+    reason     TEXT NOT NULL,
+    keep_until INTEGER NOT NULL         -- the request's exp + 60 s, NumericDate; forgotten after that
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS unlisted_decisions_keep_until ON unlisted_decisions (keep_until);
 CREATE TABLE IF NOT EXISTS resident_rules (  -- not evidence: what the rules were, to notice a change at start-up
     name   TEXT PRIMARY KEY,
     sha256 TEXT NOT NULL,
@@ -234,6 +269,82 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def decision_body(
+    *,
+    jti: str,
+    iss: str,
+    sub: str,
+    case: str,
+    purpose: str,
+    area: Mapping[str, float],
+    requested: Any,
+    reason: str,
+    kids: Iterable[str],
+    granted: Any = None,
+    bytes_shared: int | None = None,
+    delivery_id: str | None = None,
+    payload_sha256: str | None = None,
+    basis: str | None = None,
+    warrant: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """A decision entry's members, checked (see :meth:`AccessLog.append`); ``seq``, ``at`` and ``v`` come at append.
+
+    Apart from the writer so that a benchmark can build a large, real log through the same code.
+    """
+    reason = str(getattr(reason, "value", reason))
+    if reason in PRE_AUTH_REASONS:
+        raise AccessLogError(f"{reason!r} happens before authentication: count it with count_rejection(), do not log it")
+    if reason not in DECISION_REASONS:
+        raise AccessLogError(f"unknown reason code {reason!r}")
+    decision = {"granted": "granted", "awaiting_resident": "awaiting_resident"}.get(reason, "refused")
+    try:
+        area_obj = {k: float(area[k]) for k in ("lat", "lon", "radius_m")}
+    except (KeyError, TypeError, ValueError):
+        raise AccessLogError("area must have numeric lat, lon and radius_m") from None
+    if bytes_shared is not None and (type(bytes_shared) is not int or bytes_shared < 0):
+        raise AccessLogError("bytes_shared must be a whole number of bytes")
+    body: dict[str, Any] = {
+        "type": "decision",
+        "jti": _text(jti, "jti", 64),
+        "iss": _text(iss, "iss", 64),
+        "sub": _text(sub, "sub", 64),
+        "case": _text(case, "case", 64),
+        "purpose": _text(purpose, "purpose", 280),
+        "basis": _text(basis, "basis", 16) if basis is not None else None,
+        "warrant": _json_safe(dict(warrant), "warrant") if warrant is not None else None,
+        "area": _json_safe(area_obj, "area"),
+        "requested": _window(requested, "requested"),
+        "decision": decision,
+        "reason": reason,
+        "granted": _window(granted, "granted"),
+        "bytes": bytes_shared,
+        "delivery_id": _text(delivery_id, "delivery_id", 64) if delivery_id is not None else None,
+        "kids": sorted({_text(k, "kid", 256) for k in kids}),
+    }
+    if payload_sha256 is not None:
+        if not re.fullmatch(r"[0-9a-f]{64}", payload_sha256):
+            raise AccessLogError("payload_sha256 must be 64 lowercase hex digits")
+        body["payload_sha256"] = payload_sha256
+    return body
+
+
+def _request_fields(request: Any) -> dict[str, Any]:
+    """A ``FootageRequest``-shaped object's members, as :func:`decision_body` takes them."""
+    warrant = getattr(request, "warrant", None)
+    area = request.area
+    return {
+        "jti": request.jti, "iss": request.iss, "sub": request.sub, "case": request.case, "purpose": request.purpose,
+        "area": {"lat": area.lat, "lon": area.lon, "radius_m": area.radius_m},
+        "requested": (request.window_start, request.window_end), "basis": getattr(request, "basis", None),
+        "warrant": {"ref": warrant.ref, "court": warrant.court} if warrant is not None else None,
+    }  # fmt: skip
+
+
+def _hour(at: datetime) -> str:
+    """The UTC hour ``at`` falls in, as the counters key it: ``2026-12-03T17:00:00Z``."""
+    return format_utc(at.astimezone(UTC).replace(minute=0, second=0, microsecond=0))
+
+
 class AccessLog:
     """The access log in ``config.paths.state_db``.
 
@@ -310,54 +421,16 @@ class AccessLog:
         tell a duplicate from a replay once the replay memory has forgotten the ``jti``; entries
         written before it was recorded simply lack the member.
         """
-        reason = str(getattr(reason, "value", reason))
-        if reason in PRE_AUTH_REASONS:
-            raise AccessLogError(f"{reason!r} happens before authentication: count it with count_rejection(), do not log it")
-        if reason not in DECISION_REASONS:
-            raise AccessLogError(f"unknown reason code {reason!r}")
-        decision = {"granted": "granted", "awaiting_resident": "awaiting_resident"}.get(reason, "refused")
-        try:
-            area_obj = {k: float(area[k]) for k in ("lat", "lon", "radius_m")}
-        except (KeyError, TypeError, ValueError):
-            raise AccessLogError("area must have numeric lat, lon and radius_m") from None
-        if bytes_shared is not None and (type(bytes_shared) is not int or bytes_shared < 0):
-            raise AccessLogError("bytes_shared must be a whole number of bytes")
-        body: dict[str, Any] = {
-            "type": "decision",
-            "jti": _text(jti, "jti", 64),
-            "iss": _text(iss, "iss", 64),
-            "sub": _text(sub, "sub", 64),
-            "case": _text(case, "case", 64),
-            "purpose": _text(purpose, "purpose", 280),
-            "basis": _text(basis, "basis", 16) if basis is not None else None,
-            "warrant": _json_safe(dict(warrant), "warrant") if warrant is not None else None,
-            "area": _json_safe(area_obj, "area"),
-            "requested": _window(requested, "requested"),
-            "decision": decision,
-            "reason": reason,
-            "granted": _window(granted, "granted"),
-            "bytes": bytes_shared,
-            "delivery_id": _text(delivery_id, "delivery_id", 64) if delivery_id is not None else None,
-            "kids": sorted({_text(k, "kid", 256) for k in kids}),
-        }
-        if payload_sha256 is not None:
-            if not re.fullmatch(r"[0-9a-f]{64}", payload_sha256):
-                raise AccessLogError("payload_sha256 must be 64 lowercase hex digits")
-            body["payload_sha256"] = payload_sha256
-        return self._append(body, at=at, outcome=reason)
+        body = decision_body(
+            jti=jti, iss=iss, sub=sub, case=case, purpose=purpose, area=area, requested=requested, reason=reason,
+            kids=kids, granted=granted, bytes_shared=bytes_shared, delivery_id=delivery_id,
+            payload_sha256=payload_sha256, basis=basis, warrant=warrant,
+        )  # fmt: skip
+        return self._append(body, at=at, outcome=body["reason"])
 
     def append_request(self, request: Any, *, reason: str, kids: Iterable[str], at: datetime | None = None, **extra: Any) -> tuple[int, str]:
         """:meth:`append` for an ``agent.protocol.request.FootageRequest``-shaped object."""
-        warrant = getattr(request, "warrant", None)
-        area = request.area
-        return self.append(
-            jti=request.jti, iss=request.iss, sub=request.sub, case=request.case, purpose=request.purpose,
-            area={"lat": area.lat, "lon": area.lon, "radius_m": area.radius_m},
-            requested=(request.window_start, request.window_end),
-            basis=getattr(request, "basis", None),
-            warrant={"ref": warrant.ref, "court": warrant.court} if warrant is not None else None,
-            reason=reason, kids=kids, at=at, **extra,
-        )  # fmt: skip
+        return self.append(**_request_fields(request), reason=reason, kids=kids, at=at, **extra)
 
     def append_decision(self, decision: Any, *, at: datetime | None = None, **extra: Any) -> tuple[int, str]:
         """:meth:`append` for an ``agent.protocol.decision.Decision`` on an authenticated request."""
@@ -367,6 +440,76 @@ class AccessLog:
             decision.request, reason=decision.reason, kids=decision.kids, granted=decision.granted, at=at,
             payload_sha256=getattr(decision, "payload_sha256", None), **extra
         )
+
+    def record_refusal(self, decision: Any, *, at: datetime | None = None, agency: str | None = None) -> tuple[int, str] | None:
+        """Record an authenticated refusal as an entry, or only count it; ``(seq, hash)`` when it was listed.
+
+        Why not always an entry: anyone who can publish on the request topics can re-send a captured
+        request's signed bytes, re-serialized into ever new bytes (each one ``replayed``) or after its
+        ``exp`` (each one ``expired``), and anyone holding a trusted key can sign any number of
+        requests the resident's rules refuse. Each entry costs an fsync and a row kept for good, and
+        the decision's own queries run over those rows. So (docs/protocol.md section 6):
+
+        - a request (``jti``) gets at most one entry per reason: a further copy refused for a reason
+          its ``jti`` already has an entry for is counted on that entry (``copy_counters``, read
+          back by :meth:`more_copies`);
+        - at most :data:`REFUSALS_LISTED_PER_AGENCY_PER_HOUR` refusals per agency and UTC hour are listed;
+          the rest are counted per hour, agency and reason (``refusal_counters``, :meth:`refusals_not_listed`).
+
+        Step 12 is untouched: a refusal by checks 5 to 11 does not use up the jti, so a genuine copy
+        arriving after it is still decided and listed, under its own reason. A refusal over the limit
+        that did use up the jti (checks 12 to 21) is remembered in ``unlisted_decisions`` until
+        ``exp`` + 60 s, so an identical copy stays a duplicate (:meth:`decided_unlisted`) and is
+        never decided afresh. Grants, held requests and events never come here: they are always listed.
+
+        ``agency`` is the agency whose key signed: the claim ``iss`` unless the refusal is
+        ``wrong_issuer``, where the claim is the very thing that is wrong (the caller passes the
+        signing key's ``iss``), so that no one can spread refusals over invented agency names.
+        Counters are not evidence: they live outside the chain, on the ``synchronous=NORMAL``
+        connection (no fsync), except that a listed refusal is counted in its entry's own transaction.
+        """
+        req = decision.request
+        if req is None:
+            raise AccessLogError(f"decision {decision.reason!r} has no authenticated request; count it with count_rejection()")
+        reason = str(getattr(decision.reason, "value", decision.reason))
+        if reason in ("granted", "awaiting_resident"):
+            raise AccessLogError(f"{reason!r} is not a refusal: it is always listed (append_decision)")
+        body = decision_body(**_request_fields(req), reason=reason, kids=decision.kids,
+                             payload_sha256=getattr(decision, "payload_sha256", None))
+        when = _utc_ms(at or self._clock())
+        hour, agency = _hour(when), _text(agency if agency is not None else req.iss, "agency", 64)
+        with self._lock:
+            listed = self._conn.execute(
+                "SELECT 1 FROM access_log WHERE jti = ? AND outcome = ? AND type = 'decision' LIMIT 1", (req.jti, reason),
+            ).fetchone()
+            if listed is not None:
+                self._counters.execute(
+                    "INSERT INTO copy_counters (jti, reason, count, last_us) VALUES (?, ?, 1, ?) "
+                    "ON CONFLICT (jti, reason) DO UPDATE SET count = count + 1, last_us = MAX(last_us, excluded.last_us)",
+                    (req.jti, reason, to_us(when)),
+                )
+                return None
+            row = self._counters.execute(
+                "SELECT COALESCE(SUM(listed), 0) FROM refusal_counters WHERE hour = ? AND iss = ?", (hour, agency),
+            ).fetchone()
+            if int(row[0]) < REFUSALS_LISTED_PER_AGENCY_PER_HOUR:
+                return self._append_locked(body, when=when, outcome=reason, listed_under=(hour, agency))
+            with transaction(self._counters) as conn:
+                conn.execute(
+                    "INSERT INTO refusal_counters (hour, iss, reason, listed, unlisted) VALUES (?, ?, ?, 0, 1) "
+                    "ON CONFLICT (hour, iss, reason) DO UPDATE SET unlisted = unlisted + 1",
+                    (hour, agency, reason),
+                )
+                if decision.uses_jti:
+                    # With the replay memory's margin: nothing forgotten here can be valid again at a time
+                    # the service accepts (it has just raised the replay memory's high-water mark to `when`).
+                    conn.execute("DELETE FROM unlisted_decisions WHERE keep_until < ?",
+                                 (int(when.timestamp()) - CLOCK_BACK_TOLERANCE_S,))
+                    conn.execute(
+                        "INSERT OR IGNORE INTO unlisted_decisions (jti, reason, keep_until) VALUES (?, ?, ?)",
+                        (req.jti, reason, int(req.exp) + KEEP_AFTER_EXP_S),
+                    )
+        return None
 
     def append_event(self, jti: str, event: str, *, at: datetime | None = None, **details: Any) -> tuple[int, str]:
         """Record something that happened later to a logged request (approval, delivery, cut-off).
@@ -410,34 +553,44 @@ class AccessLog:
         return self._append(body, at=at, outcome=what)
 
     def _append(self, body: dict[str, Any], *, at: datetime | None, outcome: str, ref_jti: str | None = None) -> tuple[int, str]:
-        when = _utc_ms(at or self._clock())
         with self._lock:
-            with transaction(self._conn) as conn:
-                if ref_jti is not None:
-                    # The decision an event follows is the one that shared or held the request: a copy
-                    # refused before it (step 12 lets the genuine copy through) or a replay after it is not.
-                    ref = conn.execute(
-                        "SELECT seq, iss FROM access_log WHERE jti = ? AND type = 'decision' "
-                        "ORDER BY outcome IN ('granted', 'awaiting_resident') DESC, seq DESC LIMIT 1",
-                        (ref_jti,),
-                    ).fetchone()
-                    if ref is None:
-                        raise AccessLogError(f"no logged request with jti {ref_jti!r}; an event must follow its decision")
-                    body["ref_seq"], body["iss"] = int(ref[0]), str(ref[1])
-                prev_seq, prev_hash = self._head_locked()
-                lost = self._lost_locked(prev_seq)
-                seq, digest = self._insert_locked(body, when, outcome, prev_seq, prev_hash)
-                now = self._clock()
-                cp: Checkpoint | None
-                if lost is not None:
-                    cp = self._write_checkpoint_locked(now, seq, digest, "cut_noticed", lost=lost)
-                elif outcome in GRANT_OUTCOMES and self.device_key is not None:
-                    cp = self._write_checkpoint_locked(now, seq, digest, "grant")  # the grant is covered at once
-                elif body["type"] == "resident" and self.device_key is not None:
-                    cp = self._write_checkpoint_locked(now, seq, digest, "rule")
-                else:
-                    cp = self._checkpoint_if_due_locked(now, seq, digest)
-            self._saw(seq, cp)
+            return self._append_locked(body, when=_utc_ms(at or self._clock()), outcome=outcome, ref_jti=ref_jti)
+
+    def _append_locked(self, body: dict[str, Any], *, when: datetime, outcome: str, ref_jti: str | None = None,
+                       listed_under: tuple[str, str] | None = None) -> tuple[int, str]:
+        """Append under ``self._lock``; ``listed_under`` (hour, agency) counts a listed refusal in the same transaction."""
+        with transaction(self._conn) as conn:
+            if ref_jti is not None:
+                # The decision an event follows is the one that shared or held the request: a copy
+                # refused before it (step 12 lets the genuine copy through) or a replay after it is not.
+                ref = conn.execute(
+                    "SELECT seq, iss FROM access_log WHERE jti = ? AND type = 'decision' "
+                    "ORDER BY outcome IN ('granted', 'awaiting_resident') DESC, seq DESC LIMIT 1",
+                    (ref_jti,),
+                ).fetchone()
+                if ref is None:
+                    raise AccessLogError(f"no logged request with jti {ref_jti!r}; an event must follow its decision")
+                body["ref_seq"], body["iss"] = int(ref[0]), str(ref[1])
+            prev_seq, prev_hash = self._head_locked()
+            lost = self._lost_locked(prev_seq)
+            seq, digest = self._insert_locked(body, when, outcome, prev_seq, prev_hash)
+            now = self._clock()
+            cp: Checkpoint | None
+            if lost is not None:
+                cp = self._write_checkpoint_locked(now, seq, digest, "cut_noticed", lost=lost)
+            elif outcome in GRANT_OUTCOMES and self.device_key is not None:
+                cp = self._write_checkpoint_locked(now, seq, digest, "grant")  # the grant is covered at once
+            elif body["type"] == "resident" and self.device_key is not None:
+                cp = self._write_checkpoint_locked(now, seq, digest, "rule")
+            else:
+                cp = self._checkpoint_if_due_locked(now, seq, digest)
+            if listed_under is not None:
+                conn.execute(
+                    "INSERT INTO refusal_counters (hour, iss, reason, listed, unlisted) VALUES (?, ?, ?, 1, 0) "
+                    "ON CONFLICT (hour, iss, reason) DO UPDATE SET listed = listed + 1",
+                    (*listed_under, outcome),
+                )
+        self._saw(seq, cp)
         return seq, digest.hex()
 
     def _insert_locked(self, body: dict[str, Any], when: datetime, outcome: str, prev_seq: int, prev_hash: bytes) -> tuple[int, bytes]:
@@ -669,7 +822,11 @@ class AccessLog:
         The resident's own changes do not count: the command line stamps them with its clock, not the agent's.
         """
         with self._lock:
-            row = self._conn.execute("SELECT MAX(at_us) FROM access_log WHERE type IN ('decision', 'event')").fetchone()
+            # Walks the time index back from the newest row (not MAX() with a filter, which reads every row):
+            # the service asks this before every decision (step 8), on a log of any size.
+            row = self._conn.execute(
+                "SELECT at_us FROM access_log WHERE type IN ('decision', 'event') ORDER BY at_us DESC LIMIT 1"
+            ).fetchone()
         return from_us(int(row[0])) if row and row[0] is not None else None
 
     def head(self) -> tuple[int, str]:
@@ -685,10 +842,12 @@ class AccessLog:
 
     def grants_since(self, iss: str, since: datetime) -> int:
         """Grants to ``iss`` after ``since`` (strictly, as ``AgentState``): immediate grants plus the resident's approvals."""
+        # GRANT_OUTCOMES spelled out, not bound, so that SQLite uses the partial index of grants
+        # (access_log_grants): step 21 then reads the agency's grants only, however many refusals it has.
         with self._lock:
             row = self._conn.execute(
-                "SELECT COUNT(*) FROM access_log WHERE iss = ? AND at_us > ? AND outcome IN (?, ?)",
-                (iss, to_us(since), *GRANT_OUTCOMES),
+                "SELECT COUNT(*) FROM access_log WHERE iss = ? AND at_us > ? AND outcome IN ('granted', 'approved')",
+                (iss, to_us(since)),
             ).fetchone()
         return int(row[0])
 
@@ -744,6 +903,51 @@ class AccessLog:
         with self._lock:
             rows = self._counters.execute(sql + " ORDER BY hour, reason", params).fetchall()
         return [{"hour": h, "reason": r, "count": int(c)} for h, r, c in rows]
+
+    def more_copies(self, entries: Iterable[LogEntry]) -> dict[int, int]:
+        """Copies counted, not listed, on decision entries: ``{seq: count}`` (see :meth:`record_refusal`).
+
+        The count of a (``jti``, reason) goes to the first of ``entries`` with that request and outcome;
+        entries without counted copies are left out.
+        """
+        first: dict[tuple[str, str], int] = {}
+        for e in entries:
+            if e.type == "decision":
+                first.setdefault((e.jti, e.outcome), e.seq)
+        jtis = sorted({jti for jti, _ in first})
+        out: dict[int, int] = {}
+        with self._lock:
+            for i in range(0, len(jtis), 500):  # SQLite's limit on bound parameters
+                chunk = jtis[i:i + 500]
+                rows = self._counters.execute(
+                    f"SELECT jti, reason, count FROM copy_counters WHERE jti IN ({','.join('?' * len(chunk))})", chunk,
+                ).fetchall()
+                for jti, reason, n in rows:
+                    seq = first.get((jti, reason))
+                    if seq is not None:
+                        out[seq] = int(n)
+        return out
+
+    def refusals_not_listed(self, since: datetime | None = None, until: datetime | None = None) -> list[dict[str, Any]]:
+        """Authenticated refusals counted over the hourly limit, per UTC hour, agency and reason, oldest first.
+
+        ``since``/``until`` select the hours that start in ``[hour of since, until)``.
+        """
+        sql = "SELECT hour, iss, reason, unlisted FROM refusal_counters WHERE unlisted > 0"
+        params: list[Any] = []
+        if since is not None:
+            sql += " AND hour >= ?"
+            params.append(_hour(since))
+        with self._lock:
+            rows = self._counters.execute(sql + " ORDER BY hour, iss, reason", params).fetchall()
+        return [{"hour": h, "iss": i, "reason": r, "count": int(n)} for h, i, r, n in rows
+                if until is None or parse_utc_z(h) < until]
+
+    def decided_unlisted(self, jti: str) -> bool:
+        """Whether ``jti`` was used up by a refusal over the hourly limit, counted but not listed (and still remembered)."""
+        with self._lock:
+            row = self._counters.execute("SELECT 1 FROM unlisted_decisions WHERE jti = ?", (jti,)).fetchone()
+        return row is not None
 
     # ------------------------------------------------------------ verification
 
@@ -861,6 +1065,11 @@ class AccessLog:
             else:
                 rules[e.outcome] = rules.get(e.outcome, 0) + 1
         ignored = sum(c["count"] for c in self.rejection_counts(since) if parse_utc_z(c["hour"]) < until)
+        not_listed: dict[str, int] = {}
+        not_listed_by_agency: dict[str, int] = {}
+        for c in self.refusals_not_listed(since, until):
+            not_listed[c["reason"]] = not_listed.get(c["reason"], 0) + c["count"]
+            not_listed_by_agency[c["iss"]] = not_listed_by_agency.get(c["iss"], 0) + c["count"]
         return {
             "since": format_utc(since) if since else None, "until": format_utc(until),
             "requests": sum(a["requests"] for a in agencies.values()), "agencies": agencies,
@@ -868,6 +1077,11 @@ class AccessLog:
             "waiting_or_held": awaiting, "refused": sum(refused.values()), "refused_by_reason": refused,
             "deliveries": delivered, "deliveries_cut": cut, "deliveries_failed": failed,
             "minutes_shared": round(shared_s / 60, 1), "your_changes": rules, "ignored_before_authentication": ignored,
+            # Counted, not listed (record_refusal): not evidence, and not in the figures above, which are the log's.
+            "more_copies": sum(self.more_copies(entries).values()),
+            "refused_not_listed": sum(not_listed.values()), "refused_not_listed_by_reason": not_listed,
+            "refused_not_listed_by_agency": not_listed_by_agency,
+            "refusals_listed_per_agency_per_hour": REFUSALS_LISTED_PER_AGENCY_PER_HOUR,
         }  # fmt: skip
 
     @staticmethod

@@ -18,7 +18,7 @@ import sqlite3
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from agent.state.accesslog import AccessLog
@@ -26,7 +26,7 @@ from agent.state.devicekey import DeviceKey
 from tests.bench.report import Report
 
 N = 2000
-UTC = timezone.utc
+UTC = UTC
 NOW = datetime(2026, 12, 3, 18, 0, tzinfo=UTC)
 
 

@@ -97,9 +97,9 @@ class _Predrawn:
 
 
 def _record(source, data: Path, *, live: bool | None = None) -> dict:  # noqa: ANN001
-    from agent.config import BufferConfig, CameraConfig
     from agent.buffer.recorder import Recorder
     from agent.buffer.segments import SegmentStore
+    from agent.config import BufferConfig, CameraConfig
 
     store = SegmentStore(data / "buffer.sqlite", data / "segments")
     rec = Recorder(source, store, CameraConfig(width=W, height=H, fps=FPS, encoder="libx264"),

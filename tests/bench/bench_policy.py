@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable
 
 from agent.protocol.conformance import STATE_MEMBERS, VectorState
-from agent.protocol.jose import parse_unverified
 from agent.protocol.decision import Policy, Reason, decide
+from agent.protocol.jose import parse_unverified
 from agent.protocol.trust import TrustStore
 from tests.bench.report import Report
 from tests.conftest import VECTORS

@@ -254,9 +254,9 @@ def _fill_buffer(env: _Env) -> float:
 
 class _Agent:
     def __init__(self, env: _Env) -> None:
-        from agent.state.devicekey import DeviceKey
         from agent.sharing.service import RequestService
         from agent.sharing.transport import MqttTransport
+        from agent.state.devicekey import DeviceKey
 
         self.hooks = _Hooks()
         loc = env.cfg.require_policy().location
@@ -369,8 +369,8 @@ class _Peer:
 
 
 def bench_latency(report: Report, env: _Env, agent: _Agent, agency: _Agency) -> dict[str, float]:
-    from agent.protocol.jose import b64url_decode
     from agent.protocol.geohash import encode, request_topic
+    from agent.protocol.jose import b64url_decode
 
     now = datetime.now(UTC)
     empty = (now - timedelta(hours=2), now - timedelta(hours=2) + timedelta(seconds=10))  # before any footage

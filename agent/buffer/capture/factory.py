@@ -34,14 +34,39 @@ def make_source(camera: CameraConfig, *, realtime: bool = True) -> Source:
             raise UserError(f"camera.url for an RTSP camera must start with rtsp://, got {camera.url.split('@')[-1]!r}")
         return StreamSource(camera.url, live=live, raw=raw, realtime=realtime or live, start_at="now")
     if camera.source == "picamera2":
-        from agent.buffer.capture.picamera2 import Picamera2Source, picamera2_available
+        from agent.buffer.capture.picamera2 import (
+            MIN_PICAMERA2,
+            Picamera2Source,
+            picamera2_import_error,
+            picamera2_version,
+        )
 
-        if not picamera2_available():
+        error = picamera2_import_error()
+        if error is not None:
+            raise UserError(picamera2_problem(error))
+        version = picamera2_version()
+        if version is not None and version < MIN_PICAMERA2:
             raise UserError(
-                "camera.source = 'picamera2' needs the picamera2 library, which is not installed here. "
-                "On the Raspberry Pi run `sudo apt install python3-picamera2` and make the agent's venv "
-                "with --system-site-packages so it can see it; on other machines use source = 'v4l2' or 'rtsp'."
+                f"picamera2 {'.'.join(map(str, version))} is too old: the agent needs "
+                f"{'.'.join(map(str, MIN_PICAMERA2))} or later (capture timeouts, so a stalled camera "
+                "cannot hang the recorder). Run `sudo apt update && sudo apt full-upgrade`."
             )
         return Picamera2Source(camera.width, camera.height, camera.fps,
                                keyframe_interval_s=camera.keyframe_interval_s, raw=raw)
     raise UserError(f"camera.source = {camera.source!r} is not a known camera type")  # pragma: no cover - config validates
+
+
+def picamera2_problem(error: str) -> str:
+    """What to tell the resident when ``import picamera2`` failed, with the real error in it."""
+    if "No module named 'picamera2'" in error:
+        return (
+            "camera.source = 'picamera2' needs the picamera2 library, which is not installed here. "
+            "On the Raspberry Pi run `sudo apt install python3-picamera2` and make the agent's venv "
+            "with --system-site-packages so it can see it; on other machines use source = 'v4l2' or 'rtsp'."
+        )
+    hint = ""
+    if "dtype size changed" in error or "numpy" in error.lower():
+        hint = (" The venv's numpy is not the one Raspberry Pi OS's simplejpeg (which picamera2 loads) "
+                "was built for: run install.sh again, which keeps numpy below 2 on a Pi "
+                "(hardware/pi-constraints.txt; pip users: install doorbell-agent[pi]).")
+    return f"picamera2 is installed but could not be loaded: {error}.{hint}"
