@@ -328,6 +328,9 @@ def format_validation_error(exc: ValidationError, path: Path) -> str:
             lines.append(f"  {key}: required but not set")
         else:
             shown = err.get("input")
-            value = "" if isinstance(shown, dict) else f" = {shown!r}"
+            # Never echo a secret back, even a malformed one: it may end up in a journal or a bug report.
+            secret = any(word in key.lower() for word in ("password", "secret", "token")) or (
+                isinstance(shown, str) and "://" in shown and "@" in shown)
+            value = "" if isinstance(shown, dict) else " = (hidden)" if secret else f" = {shown!r}"
             lines.append(f"  {key}{value}: {msg} (set in the file or by {env})")
     return "\n".join(lines)

@@ -98,3 +98,12 @@ def test_example_config_is_valid(tmp_path: Path) -> None:
     example = Path(__file__).resolve().parents[1] / "agent" / "example-agent.toml"
     cfg = load_config(example)
     assert cfg.camera.source == "v4l2"
+
+
+def test_a_rejected_password_is_never_echoed(write_config) -> None:
+    """A password that fails validation (a number, say) must not land in the journal with the error."""
+    body = '[mqtt]\nhost = "broker.example.org"\nroot = "civic/test"\nusername = "porch"\npassword = 73912468\n'
+    with pytest.raises(ConfigError) as err:
+        load_config(write_config(body))
+    text = str(err.value)
+    assert "mqtt.password" in text and "(hidden)" in text and "73912468" not in text

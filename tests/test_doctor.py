@@ -180,3 +180,33 @@ def test_doctor_expired_certificate(write_config: Callable[[str], Path], broker:
     _, by = doctor(write_config(POLICY + mqtt_section(broker, ca_file=f'"{old}"')))
     expired = [c for c in by["certificates"] if "expired" in c["message"]]
     assert expired and expired[0]["status"] == "fail" and "mqtt.ca_file" in expired[0]["message"], by["certificates"]
+
+
+@pytest.mark.parametrize(("props", "expect"), [
+    ("LoadState=loaded\nActiveState=active\nSubState=running\nResult=success\nNRestarts=0\nWatchdogUSec=1min\n"
+     "UnitFileState=enabled\n", {"service": "ok", "watchdog": "ok"}),
+    ("LoadState=loaded\nActiveState=activating\nSubState=auto-restart\nResult=watchdog\nNRestarts=3\n"
+     "WatchdogUSec=1min\nUnitFileState=enabled\n", {"service": "fail", "watchdog": "fail"}),
+    ("LoadState=not-found\n", {"service": "fail"}),
+])
+def test_doctor_service_and_watchdog(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, props: str,
+                                     expect: dict[str, str]) -> None:
+    from agent.cli import doctor as doc
+    from agent.config import AgentConfig
+
+    fake = tmp_path / "systemctl"
+    fake.write_text(f"#!/bin/sh\nprintf '%s' '{props}'\n")
+    fake.chmod(0o755)
+    run_dir = tmp_path / "run-systemd-system"
+    run_dir.mkdir()
+    monkeypatch.setattr(doc, "SYSTEMD_RUN_DIR", run_dir)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    checks = doc.check_service(AgentConfig())
+    got = {}
+    for c in checks:
+        got.setdefault(c.name, c.status)
+        if c.status in ("warn", "fail"):
+            assert c.fix
+    assert {k: got.get(k) for k in expect} == expect, checks
+    if "watchdog" in expect and expect["watchdog"] == "fail":
+        assert any("camera stopped delivering frames" in c.message for c in checks)

@@ -299,3 +299,21 @@ def test_wrapper_hands_trust_add_file_over_a_pipe(installed: dict[str, object], 
     assert out.stdout == "args: status --json\n", out
     out = subprocess.run([str(test_wrapper), "trust", "add", str(tmp_path / "nope")], capture_output=True, text=True, timeout=30)
     assert out.returncode == 1 and "cannot read" in out.stderr
+
+
+def test_dependencies_come_from_the_lock_file(installed: dict[str, object]) -> None:
+    """Every dependency is the version requirements.lock pins (installed with --require-hashes)."""
+    import json
+    import re
+
+    root = installed["root"]
+    assert isinstance(root, Path)
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (ROOT / "requirements.lock").read_text(), re.M))
+    assert "numpy" in pins and all("--hash=sha256:" in block for block in
+                                   (ROOT / "requirements.lock").read_text().split("==")[1:])
+    listed = subprocess.run([str(root / PREFIX / "bin/python"), "-m", "pip", "list", "--local", "--format=json"],
+                            capture_output=True, text=True, timeout=120)
+    have = {p["name"].lower().replace("_", "-"): p["version"] for p in json.loads(listed.stdout)}
+    wrong = {n: (v, have.get(n.lower().replace("_", "-"))) for n, v in pins.items()
+             if have.get(n.lower().replace("_", "-")) != v}
+    assert not wrong, f"installed versions differ from requirements.lock: {wrong}"

@@ -123,13 +123,11 @@ class _Transport:
 
 class _Trust:
     def __init__(self) -> None:
-        self._stamp: object = None
         self.error: str | None = None
         self.loads = 0
 
     def get(self) -> None:
         self.loads += 1
-        self._stamp = (1, 1)
 
 
 class _Service:
@@ -180,6 +178,7 @@ def test_ready_waits_for_broker_and_trust_store_within_grace() -> None:
     assert not any(m.startswith("READY") for m in sent)
     svc.transport.ready = True
     n.poll([rec, svc])
+    assert svc.trust.loads == 1  # once
     ready = [m for m in sent if m.startswith("READY")]
     assert ready == ["READY=1\nSTATUS=recording and serving requests"]
 

@@ -31,6 +31,7 @@ Status = Literal["ok", "warn", "fail", "skip"]
 EXPIRY_WARN = timedelta(days=30)
 CONSENT_WARN = timedelta(days=14)
 UNIT = "doorbell-agent.service"
+SYSTEMD_RUN_DIR = Path("/run/systemd/system")  # present only while systemd is process 1
 
 
 @dataclass
@@ -318,7 +319,7 @@ def check_consent(cfg: AgentConfig, now: datetime) -> list[Check]:
 
 
 def check_service(cfg: AgentConfig) -> list[Check]:
-    if not Path("/run/systemd/system").is_dir() or not shutil.which("systemctl"):
+    if not SYSTEMD_RUN_DIR.is_dir() or not shutil.which("systemctl"):
         from agent.runtime.supervisor import recorder_running
 
         running = recorder_running(cfg)

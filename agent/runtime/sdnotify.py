@@ -69,10 +69,8 @@ def frames_captured(handles: Sequence[Any]) -> int | None:
 
 
 def sharing_ready(handle: Any) -> tuple[bool, str | None]:
-    """(ready, problem) for a sharing service handle: its trust store read, its broker subscription acknowledged."""
+    """(ready, problem) for a sharing service handle whose trust store was read: is its broker subscription acknowledged?"""
     trust = getattr(handle, "trust", None)
-    if trust is not None and getattr(trust, "_stamp", None) is None and getattr(trust, "error", None) is None:
-        trust.get()  # first read here rather than at the first request; later reads reuse it
     transport = getattr(handle, "transport", None)
     if transport is not None and not getattr(transport, "ready", True):
         err = getattr(transport, "last_error", None)
@@ -97,6 +95,7 @@ class ServiceNotifier:
         self._camera_since: float | None = None
         self._pinged_frames: int | None = None
         self._pinged_at: float | None = None
+        self._trust_read: set[int] = set()
 
     def poll(self, handles: Sequence[Any]) -> None:
         if not self.enabled:
@@ -125,6 +124,9 @@ class ServiceNotifier:
         for h in handles:
             if hasattr(h, "recorder"):
                 continue
+            if id(h) not in self._trust_read and getattr(h, "trust", None) is not None:
+                h.trust.get()  # read the trust store now rather than at the first request (it is cached)
+                self._trust_read.add(id(h))
             ok, problem = sharing_ready(h)
             waiting |= not ok
             if problem:
