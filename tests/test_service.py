@@ -14,37 +14,37 @@ import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import av
 import pytest
 
-from agent.state.accesslog import AccessLog
 from agent.buffer.capture.synthetic import read_qr_time
+from agent.buffer.segments import SegmentStore
 from agent.city import build_request, keygen, load_signing_key, open_delivery
 from agent.city.keys import SigningKey
 from agent.city.mqtt import BrokerSettings, MqttSession
 from agent.city.receive import DeliveryCollector
 from agent.city.requests import request_topics
-from agent.state.clock import FixedClock
 from agent.config import AgentConfig, load_config
-from agent.state.devicekey import DeviceKey
-from agent.protocol.geohash import encode, request_topic
-from agent.state.killswitch import KillSwitch
 from agent.protocol.decision import Decision
-from agent.buffer.segments import SegmentStore
-from agent.sharing.service import RequestService
-from agent.timeutil import parse_utc_z, to_us
-from agent.sharing.transport import MqttTransport
+from agent.protocol.geohash import encode, request_topic
 from agent.protocol.trust import TrustStore
+from agent.sharing.service import RequestService
+from agent.sharing.transport import MqttTransport
+from agent.state.accesslog import AccessLog
+from agent.state.clock import FixedClock
+from agent.state.devicekey import DeviceKey
+from agent.state.killswitch import KillSwitch
 from agent.state.truststore import load_trust_store, save_trust_store
+from agent.timeutil import parse_utc_z, to_us
 from tests.broker import Broker
 from tests.buffer_helpers import FPS, write_segment
 
 pytestmark = pytest.mark.slow
-UTC = timezone.utc
+UTC = UTC
 HOME = (32.29876, -90.18481)
 PROGRAM = "jackson-ms/camera-pilot-2026"
 WAIT = 30.0

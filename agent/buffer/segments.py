@@ -51,6 +51,8 @@ SPAN_TOLERANCE_FRAMES = 1.5
 # No segment is longer than this (segment_seconds <= 60, plus waiting for a keyframe when
 # stream copying); it bounds the index range scanned when looking up a window.
 MAX_SEGMENT_US = 10 * 60 * 1_000_000
+# Segments holding any time in [start, end), given (end, start - MAX_SEGMENT_US, start), oldest first.
+_OVERLAPPING = "WHERE start_us < ? AND start_us > ? AND end_us > ? ORDER BY start_us"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS segments (
@@ -221,8 +223,7 @@ class SegmentStore:
         """Segments holding any time in ``[start_us, end_us)``, oldest first."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, start_us, end_us, frames, bytes, sha256, path FROM segments "
-                "WHERE start_us < ? AND start_us > ? AND end_us > ? ORDER BY start_us",
+                "SELECT id, start_us, end_us, frames, bytes, sha256, path FROM segments " + _OVERLAPPING,
                 (end_us, start_us - MAX_SEGMENT_US, start_us),
             ).fetchall()
         return [self._record(r) for r in rows]
@@ -245,8 +246,16 @@ class SegmentStore:
         Segments touch when the next starts within 1.5 frame durations of the
         previous one's end (capture jitter, one dropped frame); a longer hole,
         such as a camera outage, splits the span.
+
+        Reads the times alone, not whole records: every decision asks this (protocol step 20), and an
+        hour's window holds 900 segments, whose records (a path each) cost some 10 ms to build.
         """
-        return _merge(self.overlapping(start_us, end_us), start_us, end_us)
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT start_us, end_us, frames FROM segments " + _OVERLAPPING,
+                (end_us, start_us - MAX_SEGMENT_US, start_us),
+            ).fetchall()
+        return _merge(rows, start_us, end_us)
 
     def gaps(self, start_us: int | None = None, end_us: int | None = None) -> list[Gap]:
         lo = start_us if start_us is not None else -(2**62)
@@ -431,16 +440,18 @@ class SegmentStore:
         return info
 
 
-def _merge(records: list[SegmentRecord], start_us: int, end_us: int) -> list[tuple[int, int]]:
+def _merge(rows: list[tuple[int, int, int]], start_us: int, end_us: int) -> list[tuple[int, int]]:
+    """``(start_us, end_us, frames)`` of segments, oldest first, merged into spans (see :meth:`SegmentStore.spans`)."""
     spans: list[list[int]] = []
     prev_frame_us = 0.0
-    for r in records:
-        tol = SPAN_TOLERANCE_FRAMES * max(r.frame_us, prev_frame_us)
-        if spans and r.start_us - spans[-1][1] <= tol:
-            spans[-1][1] = max(spans[-1][1], r.end_us)
+    for seg_start, seg_end, frames in rows:
+        frame_us = (seg_end - seg_start) / max(1, frames)  # as SegmentRecord.frame_us
+        tol = SPAN_TOLERANCE_FRAMES * max(frame_us, prev_frame_us)
+        if spans and seg_start - spans[-1][1] <= tol:
+            spans[-1][1] = max(spans[-1][1], seg_end)
         else:
-            spans.append([r.start_us, r.end_us])
-        prev_frame_us = r.frame_us
+            spans.append([seg_start, seg_end])
+        prev_frame_us = frame_us
     out = []
     for s, e in spans:
         s, e = max(s, start_us), min(e, end_us)

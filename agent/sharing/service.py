@@ -39,17 +39,17 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from agent.buffer.segments import SegmentStore
 from agent.config import AgentConfig
+from agent.fsutil import write_json_atomic
 from agent.protocol.decision import BEFORE_REPLAY_REASONS, Decision, Policy, Reason, decide
 from agent.protocol.geohash import subscription_filter
 from agent.protocol.sealing import new_delivery_id
 from agent.protocol.trust import TrustStore, TrustStoreError
-from agent.fsutil import write_json_atomic
 from agent.sharing.delivery import DELIVERY_GIVE_UP_S, DeliveryWorker, Regrant, deadline_for, narrow
 from agent.sharing.outbox import DeliveryJob, Outbox
 from agent.sharing.transport import MqttTransport, default_client_id
@@ -66,7 +66,7 @@ log = logging.getLogger("agent.sharing.service")
 
 _BEFORE_REPLAY = frozenset(str(r) for r in BEFORE_REPLAY_REASONS)  # as the access log spells outcomes
 
-UTC = timezone.utc
+UTC = UTC
 HOUSEKEEPING_S = 1.0
 STATUS_INTERVAL_S = 5.0
 MQTT_SESSION_FILE = "mqtt-session.json"

@@ -289,7 +289,8 @@ def decision_body(
 ) -> dict[str, Any]:
     """A decision entry's members, checked (see :meth:`AccessLog.append`); ``seq``, ``at`` and ``v`` come at append.
 
-    Apart from the writer so that a benchmark can build a large, real log through the same code.
+    Apart from appending: :meth:`AccessLog.record_refusal` checks the entry before it knows whether to list
+    it, and the benchmark of deciding on a big log (tests/bench/bench_decide_log.py) builds its log with it.
     """
     reason = str(getattr(reason, "value", reason))
     if reason in PRE_AUTH_REASONS:
