@@ -18,6 +18,7 @@ text and can apply its own rules.
 from __future__ import annotations
 
 import unicodedata
+from urllib.parse import urlsplit, urlunsplit
 
 # Shown as escapes: every "other" category (Cc control, Cf format such as the bidi overrides and the
 # zero-width characters, Co private use, Cs lone surrogates, Cn unassigned: a newer Unicode version may
@@ -71,3 +72,24 @@ def spreadsheet_cell(value: object) -> object:
         return "" if value is None else value
     text = safe_text(value)
     return "'" + text if text[:1] in ("=", "+", "-", "@") else text
+
+
+HIDDEN = "********"
+"""What a secret is shown as, everywhere: configuration output, logs, status, errors."""
+
+
+def redact_url(url: str) -> str:
+    """``rtsp://user:secret@host/x`` -> ``rtsp://user:********@host/x``: camera addresses get logged and shown."""
+    if not url:
+        return url
+    try:
+        parts = urlsplit(url)
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return HIDDEN  # unparseable: it may still hold a password
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:{HIDDEN}@{host}{port}"))

@@ -266,7 +266,7 @@ def test_rtsp_camera_that_hangs_is_unavailable_after_the_timeout(silent_server: 
 
 
 def test_redact_url() -> None:
-    assert redact_url("rtsp://admin:s3cret@10.0.0.5:554/h264") == "rtsp://admin:***@10.0.0.5:554/h264"
+    assert redact_url("rtsp://admin:s3cret@10.0.0.5:554/h264") == "rtsp://admin:********@10.0.0.5:554/h264"
     assert redact_url("rtsp://10.0.0.5/h264") == "rtsp://10.0.0.5/h264"
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import os
+import socket
 import sys
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -40,3 +42,12 @@ def log_to_stderr() -> None:
         handler._doorbell = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(logging.DEBUG if os.environ.get("DOORBELL_AGENT_DEBUG") else logging.INFO)
+
+
+def who_is_running() -> str:
+    """Who made a change, in the words the access log and the kill-switch file record."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"homeowner (command line, user {user} on {socket.gethostname()})"

@@ -19,12 +19,10 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from agent.cli.common import add_json_flag, config_from, print_json
 from agent.config import AgentConfig, config_path
-
-HIDDEN = "********"
+from agent.display import HIDDEN, redact_url
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,23 +33,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     check.set_defaults(func=_check)
 
 
-def redact_url(url: str | None) -> str | None:
-    """``url`` with the password of any ``user:password@`` part hidden."""
-    if not url:
-        return url
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return HIDDEN
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    port = f":{parts.port}" if parts.port else ""
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:{HIDDEN}@{host}{port}"))
-
-
 def redacted(cfg: AgentConfig) -> dict[str, Any]:
     """The configuration as JSON-ready data, without its secrets."""
     data = cfg.model_dump(mode="json", by_alias=True)
@@ -60,7 +41,7 @@ def redacted(cfg: AgentConfig) -> dict[str, Any]:
         mqtt["password"] = HIDDEN
     camera = data.get("camera")
     if isinstance(camera, dict):
-        camera["url"] = redact_url(camera.get("url"))
+        camera["url"] = redact_url(camera["url"]) if camera.get("url") else camera.get("url")
     return data
 
 

@@ -65,7 +65,7 @@ def check_config(cfg: AgentConfig) -> list[Check]:
 
 
 def check_camera(cfg: AgentConfig, timeout: float) -> list[Check]:
-    from agent.cli.config import redact_url
+    from agent.display import redact_url
 
     cam = cfg.camera
     out: list[Check] = []
@@ -88,9 +88,9 @@ def check_camera(cfg: AgentConfig, timeout: float) -> list[Check]:
         host, port = parts.hostname or "", parts.port or 554
         try:
             socket.create_connection((host, port), timeout=timeout).close()
-            out.append(Check("camera", "ok", f"the camera at {redact_url(cam.url)} answers on port {port}"))
+            out.append(Check("camera", "ok", f"the camera at {redact_url(cam.url or "")} answers on port {port}"))
         except OSError as exc:
-            out.append(Check("camera", "fail", f"cannot reach the camera at {redact_url(cam.url)} ({exc})",
+            out.append(Check("camera", "fail", f"cannot reach the camera at {redact_url(cam.url or "")} ({exc})",
                              "check that the camera is on and its address in camera.url (try it with ffplay)"))
     elif cam.source == "picamera2":
         nodes = list(Path("/dev").glob("media*")) + list(Path("/dev").glob("video*"))

@@ -12,14 +12,11 @@ stays on even if the record fails (the command then says so).
 from __future__ import annotations
 
 import argparse
-import getpass
-import os
-import socket
 import sys
 from datetime import tzinfo
 from typing import Any
 
-from agent.cli.common import add_json_flag, config_from, print_json
+from agent.cli.common import add_json_flag, config_from, print_json, who_is_running
 from agent.config import AgentConfig
 from agent.errors import UserError
 from agent.state.killswitch import KillSwitch, KillSwitchState
@@ -36,12 +33,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     ks.set_defaults(func=_killswitch)
 
 
-def _who() -> str:
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = str(os.getuid())
-    return f"homeowner (command line, user {user} on {socket.gethostname()})"
 
 
 def _describe_switch(state: KillSwitchState, tz: tzinfo) -> str:
@@ -59,7 +50,7 @@ def _killswitch(args: argparse.Namespace) -> int:
     switch = KillSwitch(cfg.paths.killswitch_file)
     if args.action in ("on", "off"):
         try:
-            state = switch.set(args.action == "on", by=_who())
+            state = switch.set(args.action == "on", by=who_is_running())
         except OSError as exc:
             raise UserError(
                 f"cannot write the kill-switch file {switch.path} ({exc.strerror or exc}); "
@@ -90,7 +81,7 @@ def _record(cfg: AgentConfig, switch: KillSwitch, on: bool) -> dict[str, Any]:
     """Enter the change in the access log; if turning the switch off cannot be recorded, turn it back on and fail."""
     from agent.state.accesslog import record_rule_change  # after the switch is written: loads SQLite and crypto
 
-    who = _who()
+    who = who_is_running()
     try:
         seq, digest, why = record_rule_change(cfg.paths, "killswitch_on" if on else "killswitch_off", by=who)
     except Exception as exc:  # sqlite3.Error, OSError, a damaged log: the change is off the record

@@ -17,17 +17,14 @@ was not recorded.
 from __future__ import annotations
 
 import argparse
-import getpass
-import os
 import shlex
-import socket
 import sys
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from agent.cli.common import add_json_flag, config_from, print_json
+from agent.cli.common import add_json_flag, config_from, print_json, who_is_running
 from agent.config import AgentConfig
 from agent.display import safe_text
 from agent.errors import UserError
@@ -289,13 +286,6 @@ def _trust_restore(args: argparse.Namespace) -> int:
     return 0
 
 
-def _who() -> str:
-    """Who made the change, for the access log: the same words the kill switch records."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = str(os.getuid())
-    return f"homeowner (command line, user {user} on {socket.gethostname()})"
 
 
 def _record(cfg: AgentConfig, change: str, details: dict[str, Any], *, widens: bool, what: str,
@@ -308,7 +298,7 @@ def _record(cfg: AgentConfig, change: str, details: dict[str, Any], *, widens: b
     from agent.state.accesslog import record_rule_change  # loads SQLite and crypto: only once something changed
 
     try:
-        seq, digest, why = record_rule_change(cfg.paths, change, by=_who(), details=details)
+        seq, digest, why = record_rule_change(cfg.paths, change, by=who_is_running(), details=details)
     except Exception as exc:  # sqlite3.Error, OSError, a damaged log: the change is off the record
         error = f"{type(exc).__name__}: {exc}"
         if not widens:

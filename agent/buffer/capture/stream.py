@@ -45,11 +45,11 @@ from datetime import UTC, datetime
 from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 import av
 
 from agent.buffer.capture import EncodedPacket, Frame, SourceEnded, SourceUnavailable, stamp_forward
+from agent.display import redact_url
 from agent.timeutil import to_us
 
 if TYPE_CHECKING:
@@ -61,21 +61,6 @@ StartAt = int | Literal["now", "creation_time"]
 
 def _now_us() -> int:
     return time.time_ns() // 1000
-
-
-def redact_url(url: str) -> str:
-    """``rtsp://user:secret@host/x`` → ``rtsp://user:***@host/x``: addresses get logged and shown."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    netloc = f"{parts.username}:***@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 class StreamClock:
