@@ -304,3 +304,40 @@ def test_a_segment_from_an_encoder_without_global_header_is_written_and_recovera
     recovered = decoded_frames(rec.path, rec.start_us)
     assert 15 <= len(recovered) < 60
     assert [us for us, _ in recovered] == [t1 + round(i * 1_000_000 / FPS) for i in range(len(recovered))]
+
+
+def _top_level_boxes(data: bytes) -> list[tuple[int, bytes]]:
+    """(offset, type) of each top-level MP4 box, read independently of the code under test."""
+    out, pos = [], 0
+    while pos + 8 <= len(data):
+        size, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+        out.append((pos, kind))
+        if size < 8:
+            break
+        pos += size
+    return out
+
+
+@pytest.mark.parametrize("into_moof", [4, 12, 40])
+def test_a_power_cut_inside_the_next_fragments_moof_keeps_the_fragments_before_it(
+    store: SegmentStore, into_moof: int
+) -> None:
+    """Once 1 reconcile in 15 lost a whole segment: a cut a few bytes into a ``moof`` box made the
+    demuxer refuse the file before the loop that tolerates a cut ever ran (a cut in the box header or the
+    first bytes of its body)."""
+    t0 = now_us() - 60_000_000
+    final = store.new_segment_path(t0)
+    final.parent.mkdir(parents=True)
+    part = final.with_name(final.name + ".part")
+    write_fragmented(part, t0, 60)
+    data = part.read_bytes()
+    moofs = [off for off, kind in _top_level_boxes(data) if kind == b"moof"]
+    assert len(moofs) >= 3, "the segment should hold several fragments"
+    cut = moofs[-1] + into_moof
+    part.write_bytes(data[:cut])
+    report = store.reconcile()
+    assert report.recovered_parts == [final] and not part.exists()
+    [rec] = store.all()
+    frames = decoded_frames(rec.path, rec.start_us)
+    assert 15 <= len(frames) < 60 and rec.frames == len(frames)
+    assert [qr for _, qr in frames] == [stamp(us) for us, _ in frames]

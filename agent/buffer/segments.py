@@ -434,8 +434,17 @@ class SegmentStore:
         try:
             info = _remux(source, final, start_us)
         except (av.FFmpegError, OSError, ValueError) as exc:
-            log.info("cannot recover %s: %s", part, exc)
-            info = None
+            # A cut inside a box header (the first bytes of the next fragment) makes the demuxer refuse
+            # the whole file: drop the incomplete top-level box and read what came before it.
+            whole = _complete_boxes_end(source)
+            if whole is not None and 0 < whole < source.stat().st_size:
+                os.truncate(source, whole)
+                try:
+                    info = _remux(source, final, start_us)
+                except (av.FFmpegError, OSError, ValueError) as again:
+                    exc = again
+            if info is None:
+                log.info("cannot recover %s: %s", part, exc)
         source.unlink(missing_ok=True)
         return info
 
@@ -467,6 +476,29 @@ def _remove_if_empty(d: Path, root: Path) -> None:
         d.rmdir()
     except OSError:
         pass
+
+
+def _complete_boxes_end(path: Path) -> int | None:
+    """Where the last complete top-level MP4 box of ``path`` ends, or None if it is not an MP4 file.
+
+    A fragmented segment is a sequence of boxes (``ftyp``, ``moov``, then ``moof``/``mdat`` pairs):
+    everything up to the end of the last whole box was written before the crash.
+    """
+    size = path.stat().st_size
+    pos = 0
+    with open(path, "rb") as fh:
+        while pos + 8 <= size:
+            fh.seek(pos)
+            header = fh.read(16)
+            length = int.from_bytes(header[:4], "big")
+            if length == 1 and len(header) == 16:
+                length = int.from_bytes(header[8:16], "big")
+            if length < 8 or not header[4:8].isascii():
+                return None if pos == 0 else pos
+            if pos + length > size:
+                break
+            pos += length
+    return pos
 
 
 def _remux(source: Path, final: Path, start_us: int) -> SegmentFileInfo | None:
