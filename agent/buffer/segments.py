@@ -434,17 +434,18 @@ class SegmentStore:
         try:
             info = _remux(source, final, start_us)
         except (av.FFmpegError, OSError, ValueError) as exc:
-            # A cut inside a box header (the first bytes of the next fragment) makes the demuxer refuse
-            # the whole file: drop the incomplete top-level box and read what came before it.
+            error: Exception = exc
+            # A cut inside a box (the first bytes of the next fragment) makes the demuxer refuse the
+            # whole file: drop the incomplete top-level box and read what came before it.
             whole = _complete_boxes_end(source)
             if whole is not None and 0 < whole < source.stat().st_size:
                 os.truncate(source, whole)
                 try:
                     info = _remux(source, final, start_us)
                 except (av.FFmpegError, OSError, ValueError) as again:
-                    exc = again
+                    error = again
             if info is None:
-                log.info("cannot recover %s: %s", part, exc)
+                log.info("cannot recover %s: %s", part, error)
         source.unlink(missing_ok=True)
         return info
 

@@ -88,9 +88,9 @@ def check_camera(cfg: AgentConfig, timeout: float) -> list[Check]:
         host, port = parts.hostname or "", parts.port or 554
         try:
             socket.create_connection((host, port), timeout=timeout).close()
-            out.append(Check("camera", "ok", f"the camera at {redact_url(cam.url or "")} answers on port {port}"))
+            out.append(Check("camera", "ok", f"the camera at {redact_url(cam.url or '')} answers on port {port}"))
         except OSError as exc:
-            out.append(Check("camera", "fail", f"cannot reach the camera at {redact_url(cam.url or "")} ({exc})",
+            out.append(Check("camera", "fail", f"cannot reach the camera at {redact_url(cam.url or '')} ({exc})",
                              "check that the camera is on and its address in camera.url (try it with ffplay)"))
     elif cam.source == "picamera2":
         nodes = list(Path("/dev").glob("media*")) + list(Path("/dev").glob("video*"))
