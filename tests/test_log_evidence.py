@@ -519,3 +519,12 @@ def test_rules_changes_show_in_the_log(home: Home) -> None:
 def test_copy_of_state_is_not_needed_for_a_bundle(tmp_path: Path, home: Home, bundle: bytes) -> None:
     shutil.rmtree(home.data)  # the device is gone; the auditor has the bundle and the thumbprint
     assert auditor_verify(tmp_path, bundle, "--device-key", home.key.kid).returncode == 0
+
+
+def test_a_thumbprint_that_starts_with_a_dash_is_read_as_a_value(home: Home) -> None:
+    """About one device key in 64 has a thumbprint beginning with ``-``; copied from ``status`` it must work."""
+    with home.run() as log:
+        six_entries(log)
+    r = home.cli("log", "verify", "--device-key", "-" + home.key.kid[1:])
+    assert "expected one argument" not in r.stderr
+    assert r.returncode == 1 and "-" + home.key.kid[1:] in r.stdout + r.stderr
