@@ -41,3 +41,22 @@ def run_command(func: Callable[[], int | None], *, prog: str, debug_env: str, bu
         if os.environ.get(debug_env):
             traceback.print_exc()
         return 1
+
+
+def glue_dash_values(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """``--jti -Ab3...`` -> ``--jti=-Ab3...`` for ``options`` whose values are base64url ids.
+
+    About one random id in 64 begins with ``-``, which argparse would take for an option
+    ("expected one argument"); the id a person copies from our own output must work as it is.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        value = argv[i + 1] if i + 1 < len(argv) else ""
+        if argv[i] in options and value.startswith("-") and not value.startswith("--"):
+            out.append(f"{argv[i]}={value}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out

@@ -371,6 +371,14 @@ def test_cli_receive_without_saved_request_says_so(tmp_path: Path, capsys: pytes
     assert "no saved request" in capsys.readouterr().err
 
 
+def test_cli_receive_takes_a_jti_that_starts_with_a_dash(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """About one random jti in 64 begins with '-': `receive --jti` must take it as `request` printed it."""
+    code = main(["receive", "--jti", "-req-nothing-here-00", "--root", "civic/x", "--insecure-plaintext",
+                 "--state-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "expected one argument" not in err and "no saved request" in err
+
+
 def test_cli_refuses_half_a_client_certificate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = _base_request(tmp_path)
     argv.remove("--dry-run")

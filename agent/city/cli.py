@@ -28,7 +28,7 @@ from agent.city.keys import keygen, load_signing_key
 from agent.city.mqtt import BrokerSettings, MqttSession
 from agent.city.receive import DeliveryCollector, DeliveryRejected, open_delivery
 from agent.city.requests import DEFAULT_LIFETIME_S, build_request, request_claims, request_topics
-from agent.errors import UserError, run_command
+from agent.errors import UserError, glue_dash_values, run_command
 from agent.fsutil import write_atomically
 from agent.timeutil import UTC, format_utc
 
@@ -368,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # A jti is base64url: about one in 64 begins with '-', and must work as `request` printed it.
+    args = build_parser().parse_args(glue_dash_values(list(sys.argv[1:] if argv is None else argv), ("--jti",)))
     return run_command(lambda: args.func(args), prog="doorbell-city", debug_env="DOORBELL_CITY_DEBUG")
 
 

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from agent import __version__
-from agent.errors import run_command
+from agent.errors import glue_dash_values, run_command
 
 COMMAND_MODULES = (
     "agent.cli.config",
@@ -92,28 +92,9 @@ def command_module(argv: Sequence[str]) -> str | None:
     return None
 
 
-VALUE_MAY_START_WITH_DASH = ("--device-key",)
-"""Options whose value is a thumbprint: base64url, so about one in 64 begins with ``-``, which argparse
-would take for an option. The value a resident copies from ``status`` must work as it is."""
-
-
-def _glue_dash_values(argv: list[str]) -> list[str]:
-    """``--device-key -prg...`` -> ``--device-key=-prg...`` so argparse reads the value as a value."""
-    out: list[str] = []
-    i = 0
-    while i < len(argv):
-        if argv[i] in VALUE_MAY_START_WITH_DASH and i + 1 < len(argv) and argv[i + 1].startswith("-") \
-                and not argv[i + 1].startswith("--"):
-            out.append(f"{argv[i]}={argv[i + 1]}")
-            i += 2
-            continue
-        out.append(argv[i])
-        i += 1
-    return out
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = _glue_dash_values(list(sys.argv[1:] if argv is None else argv))
+    # A thumbprint is base64url: about one in 64 begins with '-', and must work as copied from `status`.
+    argv = glue_dash_values(list(sys.argv[1:] if argv is None else argv), ("--device-key",))
     module = command_module(argv)
     parser = build_parser((module,) if module is not None else COMMAND_MODULES)
     args = parser.parse_args(argv)
