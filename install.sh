@@ -73,8 +73,9 @@ need_root() {
 
 # Debian packages for --dev: mosquitto (the tests' real broker), ffmpeg (benchmark references), python3-venv
 # (Debian splits venv out of python3), systemd (systemd-analyze: tests/test_systemd_unit.py checks the unit),
-# the shellcheck linter (tests/test_install.py checks this script), passwd (useradd --root, tests/test_install.py).
-apt_packages=(mosquitto ffmpeg python3-venv ca-certificates systemd shellcheck passwd)
+# the shellcheck linter (tests/test_install.py checks this script), passwd (useradd --root, tests/test_install.py),
+# chromium (the browser tests of the local page drive it with Playwright; Playwright's own download is not used).
+apt_packages=(mosquitto ffmpeg python3-venv ca-certificates systemd shellcheck passwd chromium)
 
 install_apt() {
   need_root

@@ -78,6 +78,16 @@ class PathsConfig(_Section):
         """The sharing service's live counters and broker state, for ``doorbell-agent status``."""
         return self.data_dir / "service-status.json"
 
+    @property
+    def consent_file(self) -> Path:
+        """The resident's consent as last set by ``doorbell-agent consent``; overrides ``[policy.consent]``."""
+        return self.data_dir / "consent.json"
+
+    @property
+    def web_password_file(self) -> Path:
+        """The Argon2 hash of the local page's password (``doorbell-agent web password``)."""
+        return self.data_dir / "web-password"
+
 
 Point = tuple[int, int]
 
@@ -243,6 +253,90 @@ class ClockConfig(_Section):
     assume_synced: bool = False
 
 
+def _host_port(value: str, key: str, default_port: int | None = None) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port``; the error names ``key`` and shows the form."""
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host, port = value, str(default_port) if default_port is not None else ""
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT for {key}; write e.g. 127.0.0.1:8765 or [::1]:8765")
+    return host, int(port)
+
+
+class WebConfig(_Section):
+    """The homeowner's local page (``agent.web``)."""
+
+    enabled: bool = True
+    # Anything but loopback needs a password (doorbell-agent web password); port 0 picks a free port (tests).
+    listen: str = "127.0.0.1:8765"
+    session_minutes: Annotated[int, Field(ge=1, le=24 * 60)] = 30
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        _host_port(v, "web.listen")
+        return v
+
+    @property
+    def host(self) -> str:
+        return _host_port(self.listen, "web.listen")[0]
+
+    @property
+    def port(self) -> int:
+        return _host_port(self.listen, "web.listen")[1]
+
+    @property
+    def loopback_only(self) -> bool:
+        import ipaddress
+
+        host = self.host
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+
+GpioPin = Annotated[int, Field(ge=0, le=53)] | Annotated[str, Field(pattern=r"^(GPIO|BCM|BOARD)\d{1,2}$")]
+
+
+class GpioConfig(_Section):
+    """A push button that toggles the kill switch and an LED that shows sharing; off unless a pin is set.
+
+    Pins are BCM numbers (17) or gpiozero names ("GPIO17", "BOARD11"); see hardware/README.md for wiring.
+    """
+
+    button_pin: GpioPin | None = None
+    led_pin: GpioPin | None = None
+    hold_seconds: Annotated[float, Field(ge=0.5, le=10, allow_inf_nan=False)] = 2.0
+    # The button connects the pin to ground (the Pi's internal pull-up), as in hardware/README.md.
+    button_pull_up: bool = True
+
+
+class HomeAssistantConfig(_Section):
+    """The homeowner's own MQTT broker for Home Assistant discovery; never the agency's broker."""
+
+    host: Annotated[str, Field(min_length=1)]
+    port: Annotated[int, Field(ge=1, le=65535)] = 1883
+    tls: bool = False
+    ca_file: Path | None = None
+    username: str | None = None
+    password: str | None = None
+    discovery_prefix: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_/-]+$")] = "homeassistant"
+    node_id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")] = "doorbell_agent"
+
+
+class NotifyConfig(_Section):
+    """A webhook (ntfy, a Home Assistant webhook, ...) that gets a short JSON POST for each event."""
+
+    url: Annotated[str, Field(pattern=r"^https?://\S+$")]
+    token: str | None = None  # sent as "Authorization: Bearer <token>" when set (ntfy access tokens)
+    timeout_s: Annotated[float, Field(gt=0, le=60, allow_inf_nan=False)] = 5.0
+
+
 class AgentConfig(BaseSettings):
     """The whole configuration. Load it with :func:`load_config`, not directly."""
 
@@ -256,6 +350,10 @@ class AgentConfig(BaseSettings):
     policy: PolicyConfig | None = None
     mqtt: MqttConfig | None = None
     clock: ClockConfig = ClockConfig()
+    web: WebConfig = WebConfig()
+    gpio: GpioConfig = GpioConfig()
+    home_assistant: HomeAssistantConfig | None = None
+    notify: NotifyConfig | None = None
 
     @classmethod
     def settings_customise_sources(

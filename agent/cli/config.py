@@ -19,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from agent.cli.common import add_json_flag, config_from, print_json
 from agent.config import AgentConfig, config_path
@@ -36,9 +37,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 def redacted(cfg: AgentConfig) -> dict[str, Any]:
     """The configuration as JSON-ready data, without its secrets."""
     data = cfg.model_dump(mode="json", by_alias=True)
-    mqtt = data.get("mqtt")
-    if isinstance(mqtt, dict) and mqtt.get("password") is not None:
-        mqtt["password"] = HIDDEN
+    for section in data.values():
+        if isinstance(section, dict):
+            for key in ("password", "token"):
+                if section.get(key) is not None:
+                    section[key] = HIDDEN
+    notify = data.get("notify")
+    if isinstance(notify, dict) and notify.get("url"):
+        # A webhook's path is its secret (an ntfy topic, a Home Assistant webhook id): show only where it goes.
+        where = urlsplit(redact_url(notify["url"]))
+        notify["url"] = f"{where.scheme}://{where.netloc}/{HIDDEN}"
     camera = data.get("camera")
     if isinstance(camera, dict):
         camera["url"] = redact_url(camera["url"]) if camera.get("url") else camera.get("url")
