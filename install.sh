@@ -6,7 +6,8 @@
 #   sudo ./install.sh                system install (Raspberry Pi OS or Debian, bookworm or later, 64-bit):
 #                                    a service user, /opt/doorbell-agent, /etc/doorbell-agent, the systemd unit.
 #                                    Asks the first-install questions (program, location, ...) on a terminal.
-#                                    Re-running it upgrades in place: new code, same configuration and data,
+#                                    Re-running it upgrades in place: new code, same configuration and data
+#                                    (its databases upgraded to the new format: doorbell-agent migrate),
 #                                    the service restarted if it was running.
 #   sudo ./install.sh --unattended [--program ID --lat LAT --lon LON --timezone TZ --broker HOST[:PORT]
 #                     --agency-keys FILE --consent-start DATE --consent-end DATE]
@@ -37,7 +38,7 @@ declare -A answer=(
 
 die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
 say() { printf '==> %s\n' "$*"; }
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -74,8 +75,14 @@ need_root() {
 # Debian packages for --dev: mosquitto (the tests' real broker), ffmpeg (benchmark references), python3-venv
 # (Debian splits venv out of python3), systemd (systemd-analyze: tests/test_systemd_unit.py checks the unit),
 # the shellcheck linter (tests/test_install.py checks this script), passwd (useradd --root, tests/test_install.py),
-# chromium (the browser tests of the local page drive it with Playwright; Playwright's own download is not used).
-apt_packages=(mosquitto ffmpeg python3-venv ca-certificates systemd shellcheck passwd chromium)
+# chromium (the browser tests of the local page drive it with Playwright; Playwright's own download is not used),
+# GStreamer's RTSP server with its Python bindings for Debian's /usr/bin/python3 (tests/rtsp_server.py is the real
+# RTSP camera of tests/test_rtsp_camera.py: x264enc is in plugins-ugly, videoconvert/appsrc in plugins-base),
+# ejabberd (the clustered MQTT 5 broker of tests/test_ejabberd.py; the tests run their own node on free ports, never
+# the system service, which may stay stopped).
+apt_packages=(mosquitto ejabberd ffmpeg python3-venv ca-certificates systemd shellcheck passwd chromium
+  python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good
+  gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly)
 
 install_apt() {
   need_root
@@ -125,10 +132,12 @@ check_platform() {
     *) problems+=("${pretty:-this system} is not Debian or Raspberry Pi OS; the installer supports Raspberry Pi OS and Debian, bookworm (12) or later") ;;
   esac
   arch="$(uname -m)"
+  # A 32-bit Raspberry Pi OS on a Pi 4 or 5 runs a 64-bit kernel (uname says aarch64) under 32-bit programs.
+  if [ "$arch" = aarch64 ] && [ "$(getconf LONG_BIT 2>/dev/null || echo 64)" = 32 ]; then arch=armhf; fi
   case "$arch" in
     aarch64|x86_64) ;;
     armv7l|armv6l|armhf)
-      problems+=("this is a 32-bit ARM system ($arch); the agent's video libraries (PyAV, OpenCV, numpy) have no 32-bit ARM builds it can use: install the 64-bit Raspberry Pi OS (Pi 3, 4, 5, Zero 2 W)") ;;
+      problems+=("this is a 32-bit ARM system ($arch); the agent's video libraries (PyAV, OpenCV, numpy) have no 32-bit ARM builds it can use (requirements.lock pins 64-bit wheels only): install the 64-bit Raspberry Pi OS (Pi 3, 4, 5, Zero 2 W)") ;;
     *) problems+=("processor architecture $arch is not supported (64-bit ARM, aarch64, or x86_64 only)") ;;
   esac
   if [ ${#problems[@]} -gt 0 ]; then
@@ -377,34 +386,118 @@ exec env PYTHONNOUSERSITE=1 DOORBELL_AGENT_CONFIG="\${DOORBELL_AGENT_CONFIG:-$et
   $prefix/bin/doorbell-agent "\$@"
 EOF
 install -m 0755 "$work/as-service" "$R$prefix/libexec/doorbell-agent-as-service"
-cat > "$work/wrapper" <<EOF
-#!/bin/sh
-# Installed by doorbell-agent's install.sh: runs doorbell-agent as its service user.
-# Input files are read as you (trust add FILE is handed over on a pipe), so they may stay in your home.
+cat > "$work/wrapper" <<'EOF'
+#!/bin/bash
+# Installed by doorbell-agent's install.sh: runs doorbell-agent as its service user, @USER@.
+# Files you name are opened by this script, as you, so they may stay in your home:
+#   trust add FILE and log verify --bundle FILE: FILE is handed to the agent on standard input;
+#   clip -o FILE and log export -o FILE: the agent writes to standard output (-o -), this script to FILE.part,
+#   renamed to FILE once the agent has finished (removed if it failed);
+#   conformance FILE: needs none of the agent's data, so it runs as you.
+set -u
+prefix=@PREFIX@
 as_service=$prefix/libexec/doorbell-agent-as-service
-if [ "\$(id -un)" = $user ]; then
-  run() { exec "\$as_service" "\$@"; }
-elif [ "\$(id -u)" -eq 0 ]; then
-  run() { exec runuser -u $user -- "\$as_service" "\$@"; }
+if [ "$(id -un)" = @USER@ ]; then
+  agent=("$as_service")
+elif [ "$(id -u)" -eq 0 ]; then
+  agent=(runuser -u @USER@ -- "$as_service")
 else
-  run() { exec sudo -u $user "\$as_service" "\$@"; }
+  agent=(sudo -u @USER@ "$as_service")
 fi
-if [ "\$1" = trust ] && [ "\$2" = add ] && [ \$# -ge 3 ]; then
-  for file in "\$@"; do :; done  # the last argument
-  case "\$file" in
-    -*|/dev/stdin) ;;
-    *)
-      [ -r "\$file" ] || { echo "doorbell-agent: cannot read \$file" >&2; exit 1; }
-      n=\$((\$# - 1)); i=0
-      for a in "\$@"; do
-        shift; i=\$((i + 1))
-        if [ \$i -le \$n ]; then set -- "\$@" "\$a"; fi
-      done
-      run "\$@" /dev/stdin < "\$file" ;;
+fail() { printf 'doorbell-agent: %s\n' "$*" >&2; exit 2; }
+
+pre=()  # --config PATH, the only option that comes before the command
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --config) [ $# -ge 2 ] || break; pre+=("$1" "$2"); shift 2 ;;
+    --config=*) pre+=("$1"); shift ;;
+    *) break ;;
   esac
+done
+cmd=("${1:-}")
+case "${1:-}" in log|trust) cmd+=("${2:-}") ;; esac
+case "${cmd[*]}" in
+  clip|"log export"|"trust add"|"log verify") shift "${#cmd[@]}" ;;
+  conformance) exec env PYTHONNOUSERSITE=1 "$prefix/bin/doorbell-agent" "${pre[@]}" "$@" ;;
+  *) exec "${agent[@]}" "${pre[@]}" "$@" ;;
+esac
+
+args=() input='' output='' force=0 json=0
+while [ $# -gt 0 ]; do
+  a=$1
+  shift
+  case "${cmd[*]} $a" in
+    "clip -o"|"clip --output"|"log export -o"|"log export --output")
+      [ $# -ge 1 ] || { args+=("$a"); continue; }
+      v=$1; shift ;;
+    "clip -o"?*|"log export -o"?*) v=${a#-o} ;;
+    "clip --output="*|"log export --output="*) v=${a#--output=} ;;
+    "log verify --bundle")
+      [ $# -ge 1 ] || { args+=("$a"); continue; }
+      if [ "$1" = - ]; then args+=("$a" -); else input=$1; args+=(--bundle -); fi
+      shift; continue ;;
+    "log verify --bundle="*)
+      if [ "${a#--bundle=}" = - ]; then args+=("$a"); else input=${a#--bundle=}; args+=(--bundle -); fi
+      continue ;;
+    "trust add -"?*) args+=("$a"); continue ;;
+    "trust add "*)
+      if [ -z "$input" ] && [ "$a" != - ]; then input=$a; args+=(-); else args+=("$a"); fi
+      continue ;;
+    *" --force") force=1; args+=("$a"); continue ;;
+    *" --json") json=1; args+=("$a"); continue ;;
+    *) args+=("$a"); continue ;;
+  esac
+  if [ "$v" = - ]; then args+=(-o -); else output=$v; fi
+done
+
+if [ -n "$input" ]; then
+  if [ ! -f "$input" ] || [ ! -r "$input" ]; then fail "cannot read $input; give the path of a file you may read"; fi
+  exec "${agent[@]}" "${pre[@]}" "${cmd[@]}" "${args[@]}" < "$input"
 fi
-run "\$@"
+if [ -z "$output" ]; then
+  exec "${agent[@]}" "${pre[@]}" "${cmd[@]}" "${args[@]}"
+fi
+
+# Writing FILE as you. The agent's own checks, made here because only you can make them.
+[ ! -d "$output" ] || fail "-o $output is a folder; give a file name inside it, such as ${output%/}/clip.mp4"
+dir=$(dirname -- "$output")
+[ -d "$dir" ] || fail "-o $output: the folder $dir does not exist; create it or pick another file"
+if [ -e "$output" ] && [ "$force" = 0 ]; then
+  fail "-o $output already exists; pick another name or add --force to replace it"
+fi
+[ -w "$dir" ] || fail "-o $output: $(id -un) cannot write in $dir; pick a folder you may write to"
+abs="$(cd -- "$dir" && pwd)/$(basename -- "$output")"
+part="$output.part"
+report=
+cleanup() { rm -f -- "$part" ${report:+"$report"}; }
+trap cleanup EXIT
+trap 'exit 130' INT TERM HUP
+if [ -e "$part" ] || [ -L "$part" ]; then
+  part=$(mktemp -- "$output.XXXXXX") || fail "-o $output: cannot write in $dir"
+else
+  (umask 077 && set -o noclobber && : > "$part") || fail "-o $output: cannot write $part"
+fi
+chmod "$(printf '%o' $((0666 & ~$(umask))))" -- "$part"
+args+=(-o - --output-name "$abs")
+if [ "$json" = 1 ]; then
+  # The agent reports on standard error when standard output carries the file: put the report back on yours.
+  report=$(mktemp) || fail "cannot make a temporary file"
+  if "${agent[@]}" "${pre[@]}" "${cmd[@]}" "${args[@]}" > "$part" 2> "$report"; then
+    mv -f -- "$part" "$output" && cat -- "$report"
+    exit
+  else
+    status=$?
+    cat -- "$report" >&2
+    exit "$status"
+  fi
+fi
+if "${agent[@]}" "${pre[@]}" "${cmd[@]}" "${args[@]}" > "$part"; then
+  mv -f -- "$part" "$output"
+else
+  exit
+fi
 EOF
+sed -i -e "s|@USER@|$user|g" -e "s|@PREFIX@|$prefix|g" "$work/wrapper"
 install -m 0755 "$work/wrapper" "$R$bindir/doorbell-agent" 2>/dev/null || {
   install -d -m 0755 "$R$bindir"; install -m 0755 "$work/wrapper" "$R$bindir/doorbell-agent"; }
 ln -sfn "$prefix/bin/doorbell-city" "$R$bindir/doorbell-city"
@@ -439,16 +532,46 @@ if [ "$first_install" = 1 ] && [ -n "${answer[agency_keys]}" ]; then
   fi
 fi
 
+# -- stored data: in this version's format before the service starts again ------------------------
+# `doorbell-agent migrate` upgrades databases an older version wrote, in place, and refuses (changing
+# nothing) ones a newer version wrote. The service is stopped meanwhile: it runs the old code until then.
+was_active=0
+if [ "$upgraded" = 1 ] && systemd_running && systemctl is-active --quiet doorbell-agent.service; then
+  say "stopping the service to bring it to the new version"
+  systemctl stop doorbell-agent.service
+  was_active=1
+fi
+migrate_data() {
+  if [ -z "$R" ]; then
+    runuser -u "$user" -- "$prefix/libexec/doorbell-agent-as-service" migrate
+    return
+  fi
+  # In DIR the service user has no name this system knows: migrate as root, then give the files back.
+  local status=0
+  env PYTHONNOUSERSITE=1 DOORBELL_AGENT_CONFIG="$R$etc/agent.toml" DOORBELL_AGENT_PATHS__DATA_DIR="$R$data" \
+    "$R$prefix/bin/python" -m agent migrate || status=$?
+  find "$R$data" -maxdepth 1 -name '*.sqlite*' -exec chown "$uid:$gid" {} +
+  return "$status"
+}
+if [ -n "$(find "$R$data" -maxdepth 1 -name '*.sqlite' -print -quit)" ]; then
+  say "bringing your stored data in $data to this version's format"
+  if ! migrate_data; then
+    stopped=""
+    if [ "$was_active" = 1 ]; then stopped=" The service was stopped and stays stopped until this is solved."; fi
+    die "your stored data in $data is not in a format this version can use (see above), so it was left as it was.$stopped"
+  fi
+fi
+
 # -- the service --------------------------------------------------------------------------------
 install -d -m 0755 "$R/etc/systemd/system"
 install -m 0644 "$here/systemd/doorbell-agent.service" "$R$unit"
 if systemd_running; then
   systemctl daemon-reload
-  if systemctl is-active --quiet doorbell-agent.service; then
-    if [ "$upgraded" = 1 ]; then
-      say "restarting the service with the new version"
-      systemctl restart doorbell-agent.service
-    fi
+  if [ "$was_active" = 1 ]; then
+    say "starting the service with the new version"
+    systemctl start doorbell-agent.service
+  elif systemctl is-active --quiet doorbell-agent.service; then
+    say "the service is running this version"
   else
     say "service installed. Start it with: sudo systemctl enable --now doorbell-agent"
   fi

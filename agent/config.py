@@ -335,6 +335,9 @@ class NotifyConfig(_Section):
     url: Annotated[str, Field(pattern=r"^https?://\S+$")]
     token: str | None = None  # sent as "Authorization: Bearer <token>" when set (ntfy access tokens)
     timeout_s: Annotated[float, Field(gt=0, le=60, allow_inf_nan=False)] = 5.0
+    # "json": a JSON body (Home Assistant webhooks, most services); "ntfy": the message as plain text with a
+    # Title header, for a topic URL such as https://ntfy.sh/<topic> (agent.homeowner.webhook).
+    format: Literal["json", "ntfy"] = "json"
 
 
 class AgentConfig(BaseSettings):

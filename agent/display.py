@@ -87,9 +87,18 @@ def redact_url(url: str) -> str:
         port = f":{parts.port}" if parts.port else ""
     except ValueError:
         return HIDDEN  # unparseable: it may still hold a password
+    if parts.query:
+        # Some cameras take their credentials in the query: ...?user=admin&password=... (or pwd=, token=).
+        parts = parts._replace(query="&".join(
+            f"{name}={HIDDEN}" if sep and name.lower() in _SECRET_QUERY_NAMES else f"{name}{sep}{value}"
+            for name, sep, value in (field.partition("=") for field in parts.query.split("&"))))
     if parts.password is None:
-        return url
+        return urlunsplit(parts) if parts.query else url
     host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"
     return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:{HIDDEN}@{host}{port}"))
+
+
+_SECRET_QUERY_NAMES = frozenset({"password", "passwd", "pass", "pwd", "pw", "psw", "token", "access_token", "auth",
+                                 "authbasic", "key", "secret", "sig", "signature"})

@@ -187,3 +187,67 @@ def test_agency_text_cannot_reorder_or_split_what_the_resident_reads(setup) -> N
     assert answered.returncode == 0, answered.stderr
     assert f"Declined request {item.id} from jackson-pd (case 2026-\\u202e1234)." in answered.stdout
     assert "\u202e" not in answered.stdout
+
+
+# -- what the resident needs to answer: legal basis, warrant, who signed, where (issue 10) -----------------
+
+
+@pytest.mark.slow
+def test_pending_shows_basis_warrant_cosigners_and_distance_not_coordinates(tmp_path: Path, write_config, broker) -> None:
+    """A warrant request co-signed by an oversight body, held by the real service (``approval`` set to
+    ask with ``consent set``); then a row as an older agent held it (no verified key ids kept)."""
+    from agent.city import build_request, keygen, load_signing_key
+    from agent.cli import main
+    from agent.protocol.trust import TrustStore
+    from agent.state.truststore import load_trust_store, save_trust_store
+    from tests.test_service import HOME, PROGRAM, in_process, make_env
+
+    env = make_env(tmp_path, write_config, broker)
+    config = tmp_path / "agent.toml"
+    assert main(["--config", str(config), "consent", "set", "--approval", "ask"]) == 0
+    made = keygen(iss="jackson-oversight", kid="jxn-oversight-test", role="oversight", out_dir=tmp_path / "oversight")
+    trust = load_trust_store(env.cfg.paths.trust_file)
+    trust.add(TrustStore.from_jwks(made.public_jwks))
+    save_trust_store(trust, env.cfg.paths.trust_file)
+    now = env.clock.now()
+    incident = (HOME[0] + 0.002, HOME[1])  # about 222 m north
+    built = build_request(requester=env.requester, oversight=load_signing_key(made.private_path), program=PROGRAM,
+                          officer="badge-4471", case="JPD-2026-001234", purpose="Burglary reported on this block.",
+                          basis="warrant", warrant_ref="W-2026-0042", court="Hinds County Court",
+                          lat=incident[0], lon=incident[1], radius_m=300,
+                          window_start=now - timedelta(seconds=40), window_end=now - timedelta(seconds=30), now=now)
+    svc = in_process(env)
+    try:
+        d = svc.handle(built.message.encode())
+        assert d is not None and d.reason == "awaiting_resident"
+    finally:
+        svc.stop()
+        svc.wait(30)
+    out = cli(config, "pending")
+    assert out.returncode == 0, out.stderr
+    assert "Basis:    warrant W-2026-0042 from Hinds County Court" in out.stdout
+    assert "Signed:   jackson-pd (key jpd-test); co-signed by jackson-oversight (key jxn-oversight-test)" in out.stdout
+    assert "Area:     incident 222 m from your home, radius 300 m" in out.stdout
+    assert f"{incident[0]:.4f}"[:6] not in out.stdout  # where the incident is is told as a distance only
+    [item] = json.loads(cli(config, "pending", "--json").stdout)["pending"]
+    assert item["basis"] == "warrant" and item["warrant"] == {"ref": "W-2026-0042", "court": "Hinds County Court"}
+    assert item["signed_by"] == ["jpd-test", "jxn-oversight-test"]
+    assert item["area"]["radius_m"] == 300 and item["area"]["distance_m"] == 222
+    assert item["area"]["lat"] == pytest.approx(incident[0])  # the resident's own tools may have it
+
+    # A row an older agent held: no verified key ids in `extra`. It still opens and says the same.
+    q = ApprovalQueue(env.cfg.paths.state_db)
+    [held] = q.pending(now)
+    with q._tx() as c:
+        c.execute("UPDATE pending_approvals SET extra = ? WHERE id = ?",
+                  (json.dumps({"recipient": held.extra["recipient"]}), held.id))
+    again = cli(config, "pending")
+    assert again.returncode == 0 and "co-signed by jackson-oversight (key jxn-oversight-test)" in again.stdout
+
+
+def test_pending_with_a_request_that_cannot_be_read_again_still_lists_it(setup) -> None:
+    config, q = setup
+    item = hold(q, 7)  # not a real request message
+    out = cli(config, "pending")
+    assert out.returncode == 0 and f"Request {item.id}:" in out.stdout
+    assert "the request as received cannot be read again" in out.stdout

@@ -12,7 +12,7 @@ from pathlib import Path
 import av
 import pytest
 
-from tests.clipfixtures import BASE_US, Buffer, record_buffer
+from tests.clipfixtures import BASE_US, Buffer, decode_clip, record_buffer, shows_time, stamp
 
 # 2026-11-20 14:00:00Z is 08:00:00 in Chicago (CST, UTC-6).
 TZ = "America/Chicago"
@@ -28,11 +28,35 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Buffer, Path]:
     return buf, cfg
 
 
-def clip(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "TZ": TZ, "DOORBELL_AGENT_CONFIG": str(cfg)}
+def clip(cfg: Path, *args: str, tz: str = TZ) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TZ": tz, "DOORBELL_AGENT_CONFIG": str(cfg)}
     env.pop("DOORBELL_AGENT_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "agent", "clip", *args], capture_output=True, text=True,
                           env=env, timeout=120)
+
+
+POLICY = """
+[policy]
+program = "jackson-ms/camera-pilot-2026"
+location = { lat = 32.29876, lon = -90.18481 }
+timezone = "America/Chicago"
+
+[policy.consent]
+start = 2026-11-01T00:00:00Z
+end = 2027-01-04T00:00:00Z
+"""
+
+
+def assert_shows_exactly(buf: Buffer, out: Path, start_us: int, end_us: int) -> None:
+    """The clip's frames show (in their QR clocks) exactly the capture times recorded in the window."""
+    expected = buf.inside(start_us, end_us)
+    decoded = decode_clip(out)
+    assert len(decoded.qr) == len(expected)
+    for i, (shown, t) in enumerate(zip(decoded.qr, expected)):
+        if shown is None:
+            assert shows_time(decoded.unreadable[i], t, 1_000_000 // 15, 320, 240), f"frame {i} is not {stamp(t)}"
+        else:
+            assert shown == stamp(t), f"frame {i} shows {shown}, expected {stamp(t)}"
 
 
 def frame_count(path: Path) -> int:
@@ -107,3 +131,47 @@ def test_existing_output_needs_force(setup: tuple[Buffer, Path], tmp_path: Path)
     r = clip(cfg, "--from", "2026-11-20 08:00:02", "--to", "2026-11-20 08:00:03", "-o", str(out), "--force")
     assert r.returncode == 0, r.stderr
     assert frame_count(out) == 15
+
+
+def test_times_are_in_the_policy_time_zone_not_the_systems(setup: tuple[Buffer, Path], tmp_path: Path) -> None:
+    """A Pi left on UTC, a resident in Chicago: '08:00:02' means 08:00:02 in Chicago (14:00:02Z)."""
+    buf, cfg = setup
+    chicago = tmp_path / "agent.toml"
+    chicago.write_text(cfg.read_text() + POLICY)
+    out = tmp_path / "porch.mp4"
+    r = clip(chicago, "--from", "2026-11-20 08:00:02", "--to", "2026-11-20 08:00:05", "-o", str(out), tz="UTC")
+    assert r.returncode == 0, r.stderr
+    assert_shows_exactly(buf, out, BASE_US + 2_000_000, BASE_US + 5_000_000)
+    assert "from 2026-11-20 08:00:02 CST to 2026-11-20 08:00:05 CST" in r.stdout
+    # Errors speak the same zone.
+    r = clip(chicago, "--from", "2026-11-20 08:00:20.5", "--to", "2026-11-20 08:00:23.5", "-o", str(tmp_path / "x.mp4"),
+             tz="UTC")
+    assert r.returncode == 2 and "between 2026-11-20 08:00:20 CST and 2026-11-20 08:00:23 CST" in r.stderr, r.stderr
+    r = clip(chicago, "--from", "2026-11-20 08:00:07", "--to", "2026-11-20 08:00:02", "-o", str(tmp_path / "x.mp4"),
+             tz="UTC")
+    assert r.returncode == 2 and "--to (2026-11-20 08:00:02 CST) must be after --from (2026-11-20 08:00:07 CST)" in r.stderr
+
+
+def test_output_to_standard_output(setup: tuple[Buffer, Path], tmp_path: Path) -> None:
+    """`-o -` (what the installed command uses to write FILE as the resident): the same MP4 bytes on
+    standard output, the summary on standard error, no temporary file left in the data folder."""
+    buf, cfg = setup
+    window = ("--from", "2026-11-20 08:00:02", "--to", "2026-11-20 08:00:07")
+    out = tmp_path / "file.mp4"
+    assert clip(cfg, *window, "-o", str(out)).returncode == 0
+    env = {**os.environ, "TZ": TZ, "DOORBELL_AGENT_CONFIG": str(cfg)}
+    streamed = tmp_path / "streamed.mp4"
+    with streamed.open("wb") as sink:
+        r = subprocess.run([sys.executable, "-m", "agent", "clip", *window, "-o", "-", "--output-name", "/home/alice/porch.mp4"],
+                           stdout=sink, stderr=subprocess.PIPE, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert streamed.read_bytes() == out.read_bytes()
+    assert_shows_exactly(buf, streamed, BASE_US + 2_000_000, BASE_US + 7_000_000)
+    assert "Wrote /home/alice/porch.mp4: 75 frames" in r.stderr
+    assert not [p for p in buf.data_dir.iterdir() if p.name.startswith(".clip-")]
+    with streamed.open("wb") as sink:
+        r = subprocess.run([sys.executable, "-m", "agent", "clip", *window, "-o", "-", "--json"],
+                           stdout=sink, stderr=subprocess.PIPE, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and streamed.read_bytes() == out.read_bytes()
+    info = json.loads(r.stderr)
+    assert info["path"] == "-" and info["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()

@@ -11,10 +11,13 @@ The system install sets owners, so these tests run as root, as CI does.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import stat
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -102,9 +105,19 @@ def _checkout_state(checkout: Path) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+def installed() -> Iterator[dict[str, object]]:
     _need_root()
-    base = tmp_path_factory.mktemp("install")
+    # Not under pytest's own temporary folder, which it keeps private to root: the installed venv must be
+    # reachable by another user (test_installed_command_writes_and_reads_files_as_the_resident).
+    base = Path(tempfile.mkdtemp(prefix="doorbell-install-", dir="/tmp"))
+    base.chmod(0o755)
+    try:
+        yield _install_twice(base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _install_twice(base: Path) -> dict[str, object]:
     root, checkout = base / "root", _copy_checkout(base / "checkout")
     _seed(root)
     before = _checkout_state(checkout)
@@ -278,27 +291,187 @@ def test_unknown_option_and_purge_without_uninstall() -> None:
     assert purge.returncode != 0 and "--purge goes with --uninstall" in purge.stderr
 
 
-def test_wrapper_hands_trust_add_file_over_a_pipe(installed: dict[str, object], tmp_path: Path) -> None:
-    """`trust add FILE` reads FILE as the person typing it; the service user gets its bytes on a pipe."""
+STUB = """#!/bin/sh
+# Stands in for libexec/doorbell-agent-as-service: records what it was given, acts like the agent with -o -.
+printf '%s\\n' "$@" > "$STUB_LOG"
+cat > "$STUB_LOG.stdin"
+case " $* " in
+  *" -o - "*)
+    printf 'VIDEO'
+    if [ -n "${STUB_FAIL:-}" ]; then echo "doorbell-agent: no footage was recorded then" >&2; exit 2; fi
+    echo '{"frames": 3}' >&2 ;;
+esac
+"""
+
+
+def _test_wrapper(root: Path, tmp_path: Path, as_service: Path, user: str) -> Path:
+    """The installed wrapper, with its service program and user swapped for the test's."""
+    wrapper = (root / "usr/local/bin/doorbell-agent").read_text()
+    for old, new in (("as_service=$prefix/libexec/doorbell-agent-as-service", f"as_service={as_service}"),
+                     ('[ "$(id -un)" = doorbell-agent ]', f'[ "$(id -un)" = {user} ]'),
+                     ("runuser -u doorbell-agent --", f"runuser -u {user} --")):
+        assert old in wrapper, old
+        wrapper = wrapper.replace(old, new)
+    path = tmp_path / "doorbell-agent"
+    path.write_text(wrapper)
+    path.chmod(0o755)
+    return path
+
+
+def test_wrapper_rewrites_file_arguments(installed: dict[str, object], tmp_path: Path) -> None:
+    """Files the resident names are opened by the wrapper: inputs go over standard input, outputs come from `-o -`
+    into FILE.part, renamed to FILE only on success. (The stub stands in for the agent, run as this same user.)"""
     root = installed["root"]
     assert isinstance(root, Path)
     stub = tmp_path / "as-service"
-    stub.write_text('#!/bin/sh\necho "args: $*"\nif [ "$3" = /dev/stdin ] || [ "$4" = /dev/stdin ]; then cat; fi\n')
+    stub.write_text(STUB)
     stub.chmod(0o755)
-    wrapper = (root / "usr/local/bin/doorbell-agent").read_text()
-    wrapper = wrapper.replace(f"as_service=/{PREFIX}/libexec/doorbell-agent-as-service", f"as_service={stub}")
-    wrapper = wrapper.replace('[ "$(id -un)" = doorbell-agent ]', '[ "$(id -un)" = "$(id -un)" ]')
-    test_wrapper = tmp_path / "doorbell-agent"
-    test_wrapper.write_text(wrapper)
-    test_wrapper.chmod(0o755)
-    keys = tmp_path / "agency.jwks.json"
+    wrapper = _test_wrapper(root, tmp_path, stub, "$(id -un)")
+    log = tmp_path / "stub.log"
+
+    def run(*args: str, **env: str) -> tuple[subprocess.CompletedProcess[str], list[str], str]:
+        log.unlink(missing_ok=True)
+        out = subprocess.run([str(wrapper), *args], capture_output=True, text=True, timeout=30,
+                             stdin=subprocess.DEVNULL, env={**os.environ, "STUB_LOG": str(log), **env})
+        seen = log.read_text().splitlines() if log.exists() else []
+        fed = (tmp_path / "stub.log.stdin").read_text() if log.exists() else ""
+        return out, seen, fed
+
+    home = tmp_path / "home"
+    home.mkdir()
+    keys = home / "agency.jwks.json"
     keys.write_text('{"keys": []}')
-    out = subprocess.run([str(test_wrapper), "trust", "add", "--force", str(keys)], capture_output=True, text=True, timeout=30)
-    assert out.returncode == 0 and out.stdout == 'args: trust add --force /dev/stdin\n{"keys": []}', out
-    out = subprocess.run([str(test_wrapper), "status", "--json"], capture_output=True, text=True, timeout=30)
-    assert out.stdout == "args: status --json\n", out
-    out = subprocess.run([str(test_wrapper), "trust", "add", str(tmp_path / "nope")], capture_output=True, text=True, timeout=30)
-    assert out.returncode == 1 and "cannot read" in out.stderr
+    out, seen, fed = run("trust", "add", "--force", str(keys))
+    assert out.returncode == 0 and seen == ["trust", "add", "--force", "-"] and fed == '{"keys": []}', out
+    out, seen, _ = run("status", "--json")
+    assert seen == ["status", "--json"]
+    out, seen, _ = run("trust", "add", str(home / "nope"))
+    assert out.returncode == 2 and "cannot read" in out.stderr and seen == []
+    out, seen, fed = run("--config", "/etc/x.toml", "log", "verify", "--bundle", str(keys), "--device-key", "K")
+    assert seen == ["--config", "/etc/x.toml", "log", "verify", "--bundle", "-", "--device-key", "K"] and fed == '{"keys": []}'
+
+    window = ["--from", "10:00", "--to", "10:05"]
+    for i, form in enumerate((["-o", "porch{}.mp4"], ["--output", "porch{}.mp4"], ["--output=porch{}.mp4"], ["-oporch{}.mp4"])):
+        name = f"porch{i}.mp4"
+        args = [a.format(i) for a in form]
+        out = subprocess.run([str(wrapper), "clip", *window, *args], capture_output=True, text=True, timeout=30,
+                             cwd=home, env={**os.environ, "STUB_LOG": str(log)})
+        assert out.returncode == 0, out
+        assert log.read_text().splitlines() == ["clip", *window, "-o", "-", "--output-name", str(home / name)]
+        assert (home / name).read_text() == "VIDEO"
+    assert sorted(p.name for p in home.iterdir()) == ["agency.jwks.json", *(f"porch{i}.mp4" for i in range(4))]
+
+    target = home / "porch0.mp4"
+    out, seen, _ = run("clip", *window, "-o", str(target))
+    assert out.returncode == 2 and "already exists" in out.stderr and seen == []
+    out, seen, _ = run("clip", *window, "-o", str(target), "--force", STUB_FAIL="1")
+    assert out.returncode == 2 and "no footage" in out.stderr
+    assert target.read_text() == "VIDEO" and not list(home.glob("*.part"))  # the old file kept, no half file
+    out, _, _ = run("clip", *window, "-o", str(home / "new.mp4"), STUB_FAIL="1")
+    assert out.returncode == 2 and not (home / "new.mp4").exists() and not list(home.glob("*.part"))
+    out, _, _ = run("clip", *window, "-o", str(home / "j.mp4"), "--json")
+    assert out.returncode == 0 and out.stdout == '{"frames": 3}\n' and (home / "j.mp4").read_text() == "VIDEO"
+    out, seen, _ = run("clip", *window, "-o", "-")
+    assert seen == ["clip", *window, "-o", "-"] and out.stdout == "VIDEO"
+    out, seen, _ = run("clip", *window, "-o", str(home / "missing" / "x.mp4"))
+    assert out.returncode == 2 and "does not exist" in out.stderr and seen == []
+    out, seen, _ = run("log", "export", "-o", str(home / "log.jsonl"))
+    assert seen == ["log", "export", "-o", "-", "--output-name", str(home / "log.jsonl")]
+    assert (home / "log.jsonl").read_text() == "VIDEO"
+
+
+def test_installed_command_writes_and_reads_files_as_the_resident(installed: dict[str, object], tmp_path: Path) -> None:
+    """Across a real user boundary: the resident (root here) runs the installed wrapper; the agent runs, from the
+    installed venv, as another user (nobody, standing in for doorbell-agent) who cannot open the resident's home.
+    The clip and the trusted keys still arrive, and the clip belongs to the resident."""
+    from tests import protocol_signing as ps
+    from tests.clipfixtures import BASE_US, decode_clip, record_buffer, stamp
+
+    _need_root()
+    root = installed["root"]
+    assert isinstance(root, Path)
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    shared = root / "var/lib/test-service"  # the service's side: its data, its configuration, its program
+    data = shared / "data"
+    buf = record_buffer(data, seconds=8, gap_s=None)
+    cfg = shared / "agent.toml"
+    cfg.write_text(f'[paths]\ndata_dir = "{data}"\n\n[camera]\nsource = "synthetic"\nwidth = 320\nheight = 240\nfps = 15\n')
+    as_service = shared / "as-service"
+    # From /, so that `-m agent` finds the installed package, not a checkout in the working directory.
+    as_service.write_text(f'#!/bin/sh\ncd / && exec env PYTHONNOUSERSITE=1 DOORBELL_AGENT_CONFIG={cfg} '
+                          f'{root / PREFIX}/bin/python -m agent "$@"\n')
+    for p in [shared, *shared.rglob("*")]:
+        os.chown(p, nobody.pw_uid, nobody.pw_gid)
+    as_service.chmod(0o755)
+    home = tmp_path / "home"  # the resident's, private (and under pytest's folder, which only root may enter)
+    home.mkdir(mode=0o700)
+    wrapper = _test_wrapper(root, tmp_path, as_service, "nobody")
+    try:
+        window = ["--from", "2026-11-20T14:00:02Z", "--to", "2026-11-20T14:00:05Z"]
+        # The agent's user cannot write into the home by itself...
+        direct = subprocess.run(["runuser", "-u", "nobody", "--", str(as_service), "clip", *window, "-o", str(home / "x.mp4")],
+                                capture_output=True, text=True, timeout=120)
+        assert direct.returncode == 2 and "cannot write there" in direct.stderr and not (home / "x.mp4").exists(), direct
+        # ...through the installed command it can.
+        out = subprocess.run([str(wrapper), "clip", *window, "-o", str(home / "porch.mp4")], capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert f"Wrote {home / 'porch.mp4'}: 45 frames" in out.stderr
+        clip = home / "porch.mp4"
+        assert clip.stat().st_uid == os.getuid() and sorted(p.name for p in home.iterdir()) == ["porch.mp4"]
+        decoded = decode_clip(clip)
+        expected = buf.inside(BASE_US + 2_000_000, BASE_US + 5_000_000)
+        assert len(decoded.qr) == 45 and [q for q in decoded.qr if q] == [stamp(t) for t, q in zip(expected, decoded.qr) if q]
+        keys = home / "agency.jwks.json"
+        keys.write_text(json.dumps(ps.vectors()["trust"]))
+        keys.chmod(0o600)
+        out = subprocess.run([str(wrapper), "trust", "add", str(keys)], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        from agent.state.truststore import load_trust_store
+
+        assert load_trust_store(data / "trust.jwks.json").to_jwks() == ps.vectors()["trust"]
+        assert (data / "trust.jwks.json").stat().st_uid == nobody.pw_uid
+    finally:
+        shutil.rmtree(shared)
+
+
+def test_upgrade_migrates_stored_data_and_refuses_a_newer_format(installed: dict[str, object]) -> None:
+    """Re-running the installer brings the databases to this version's format, as the service user's files;
+    a database from a newer version stops the install with the reason, and is left as it was."""
+    import sqlite3
+
+    root = installed["root"]
+    assert isinstance(root, Path)
+    data = root / "var/lib/doorbell-agent"
+    uid, gid = data.stat().st_uid, data.stat().st_gid
+    state = data / "state.sqlite"
+    conn = sqlite3.connect(state)
+    conn.execute("CREATE TABLE replay_memory (jti TEXT PRIMARY KEY, payload_sha256 TEXT NOT NULL, exp INTEGER NOT NULL)")
+    conn.execute("INSERT INTO replay_memory VALUES ('a', 'b', 1)")
+    conn.commit()
+    conn.close()
+    os.chown(state, uid, gid)
+    try:
+        out = _install(root, *ANSWERS)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "state.sqlite: upgraded from format 0 to 1" in out.stdout
+        with sqlite3.connect(state) as conn:
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+            assert conn.execute("SELECT * FROM replay_memory").fetchall() == [("a", "b", 1)]
+        assert {(p.stat().st_uid, p.stat().st_gid) for p in data.glob("state.sqlite*")} == {(uid, gid)}
+        conn = sqlite3.connect(state)
+        conn.execute("PRAGMA user_version = 9")
+        conn.close()
+        out = _install(root, *ANSWERS)
+        assert out.returncode != 0 and "written by a newer doorbell-agent" in out.stderr, out.stdout + out.stderr
+        assert "not in a format this version can use" in out.stderr
+        with sqlite3.connect(state) as conn:
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == 9
+    finally:
+        for p in data.glob("state.sqlite*"):
+            p.unlink()
 
 
 def test_dependencies_come_from_the_lock_file(installed: dict[str, object]) -> None:

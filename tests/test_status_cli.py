@@ -101,3 +101,49 @@ def test_consent_period_ends_as_the_decision_says(write_config: Callable[[str], 
                        (end - timedelta(microseconds=1), "given"), (end, "ended")]:
         got = consent_status(cfg, now)
         assert (got["state"], got["consents"]) == (state, policy.consents_at(now)), now
+
+
+@pytest.mark.slow
+def test_status_right_after_the_agent_stops_says_stopped_and_counts_what_the_log_holds(
+        tmp_path: Path, write_config: Callable[[str], Path], broker) -> None:  # noqa: ANN001
+    """Issue 10: `status` after a stop showed "connected" and the stopped process's own counters.
+
+    A real service on the real broker grants one request and refuses one, and stops; `status`
+    (another process) must say the listener stopped and take its figures from the access log.
+    """
+    from agent.state.accesslog import AccessLog
+    from tests.test_service import Agency, Agent, make_env
+
+    env = make_env(tmp_path, write_config, broker)
+    config = tmp_path / "agent.toml"
+    with config.open("a") as f:  # status shows the sharing side only with an [mqtt] section
+        f.write('\n[mqtt]\nhost = "localhost"\n[clock]\nassume_synced = true\n')
+    agency = Agency(env, "jpd")
+    agent = Agent(env)
+    try:
+        granted, refused = agency.request(), agency.request(radius_m=1500)  # over max_radius_m
+        for built in (granted, refused):
+            agency.publish(built)
+        assert agent.wait_delivery_end(granted.jti)[0] == "delivered"
+        seen = set()
+        while not {granted.jti, refused.jti} <= seen:
+            d = agent.next_decision()
+            if d is not None and d.request is not None:
+                seen.add(d.request.jti)
+    finally:
+        agent.stop()
+        agency.close()
+    run = [sys.executable, "-m", "agent", "--config", str(config), "status"]
+    data = json.loads(subprocess.run([*run, "--json"], capture_output=True, text=True, timeout=60, check=True).stdout)
+    svc = data["sharing"]["service"]
+    assert svc["stopped"] is True and svc["transport"]["ready"] is False and svc["transport"]["state"] == "stopped"
+    with AccessLog(env.cfg.paths.state_db) as alog:
+        outcomes = [e.outcome for e in alog.entries()]
+    counts = data["sharing"]["log"]
+    assert counts["error"] is None
+    assert (counts["requests"], counts["granted"], counts["refused"], counts["delivered"]) == (
+        sum(o in ("granted", "radius_too_large") for o in outcomes), outcomes.count("granted"),
+        outcomes.count("radius_too_large"), outcomes.count("delivered")) == (2, 1, 1, 1)
+    text = subprocess.run(run, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "Request listener: STOPPED at" in text and "connected" not in text.replace("not connected", "")
+    assert "2 request(s), 1 granted, 1 refused, 0 held for you, 1 deliveries completed" in text

@@ -413,14 +413,15 @@ def _choose_mode(first_seg: SegmentLike, settings: EncoderSettings | None) -> tu
 
 def cut_clip(segments: Sequence[SegmentLike], start_us: int, end_us: int, out: Path | BinaryIO, *,
              settings: EncoderSettings | None = None, progress: Progress | None = None,
-             force_mode: Literal["inband", "reencode"] | None = None) -> ClipInfo:
+             force_mode: Literal["inband", "reencode"] | None = None, tmp_dir: Path | None = None) -> ClipInfo:
     """Write one MP4 of every frame captured in ``[start_us, end_us)`` to ``out``.
 
     ``out`` is a path (written as ``.<name>.part`` beside it, then renamed; an
     existing file is replaced) or a binary file object. ``settings`` are the
     recorder's encoder settings, if known (they make splice mode possible for
     non-default settings). ``progress`` gets the fraction of the window done.
-    ``force_mode`` exists for tests and benchmarks. Raises
+    ``force_mode`` exists for tests and benchmarks. For a file object, the MP4 is first made in a
+    private temporary file in ``tmp_dir`` (default: the system's), since writing it needs seeking. Raises
     :class:`NoFootageError` if no frame lies in the window and
     :class:`ClipError` if footage cannot be read.
     """
@@ -438,7 +439,7 @@ def cut_clip(segments: Sequence[SegmentLike], start_us: int, end_us: int, out: P
         tmp_path = dest.with_name(f".{dest.name}.part")
     else:
         dest = None
-        fd, name = tempfile.mkstemp(suffix=".mp4.part")
+        fd, name = tempfile.mkstemp(suffix=".mp4.part", prefix=".clip-", dir=tmp_dir)
         os.close(fd)
         tmp_path = Path(name)
     try:

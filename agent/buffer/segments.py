@@ -39,7 +39,7 @@ import av
 from agent.buffer.capture import EncodedPacket
 from agent.buffer.segmentfile import PART_SUFFIX, TIME_BASE, SegmentFile, SegmentFileInfo
 from agent.config import AgentConfig, BufferConfig
-from agent.state.db import connect
+from agent.state.db import connect, transaction
 
 log = logging.getLogger(__name__)
 
@@ -347,6 +347,66 @@ class SegmentStore:
         rec.path.unlink(missing_ok=True)
         _remove_if_empty(rec.path.parent, self.segments_dir)
 
+    # -- erasing everything (killswitch on --wipe) ----------------------------
+
+    def wipe(self, now_us: int, *, recorder_active: bool) -> WipeReport:
+        """Erase all footage held at ``now_us``: every indexed segment, then stray segment files.
+
+        Safe while a recorder (in this process or another) keeps recording: like eviction, the rows
+        go first, in one transaction, and only their files are unlinked afterwards, so the index
+        never points at a missing file; a segment the recorder finishes during the wipe is added
+        after it and kept. Files the index does not know are left alone while a recorder runs,
+        unless they are older than any segment could be in the making (``2 * MAX_SEGMENT_US``):
+        the newest one may be a finished segment whose row is just being added. Without a recorder,
+        every segment file goes, unfinished ``.part`` files included. The gaps table then says why
+        the footage is missing.
+        """
+        with self._lock, transaction(self._db) as db:
+            rows = db.execute("SELECT id, start_us, bytes, path FROM segments WHERE start_us <= ?", (now_us,)).fetchall()
+            db.execute("DELETE FROM segments WHERE start_us <= ?", (now_us,))
+            db.execute("DELETE FROM gaps WHERE start_us <= ?", (now_us,))
+            if rows:
+                first = min(int(r[1]) for r in rows)
+                db.execute("INSERT INTO gaps (start_us, end_us, reason) VALUES (?,?,?)",
+                           (first, now_us, "erased by you (killswitch on --wipe)"))
+        report = WipeReport(segments=len(rows), bytes=sum(int(r[2]) for r in rows))
+        gone = {rel for _, _, _, rel in rows}
+        for rel in gone:
+            path = self.segments_dir / rel
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                report.problems.append(f"{path}: {exc.strerror or exc}")
+        # Stray files: orphans a crash left behind (reconcile would index them again), and unfinished parts.
+        cutoff = now_us - 2 * MAX_SEGMENT_US
+        for path in list(self._walk()) if self.segments_dir.exists() else []:
+            m = _SEGMENT_NAME.match(path.name)
+            stray_mp4 = m is not None and self._relative(path) not in gone
+            part = path.name.endswith(".mp4" + PART_SUFFIX) or path.name.endswith(".mp4" + RECOVER_SUFFIX)
+            if not (stray_mp4 or part):
+                continue
+            start = int(path.name.split(".", 1)[0]) if path.name.split(".", 1)[0].isdigit() else now_us
+            if recorder_active and (part or start >= cutoff):
+                continue
+            try:
+                size = path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                report.problems.append(f"{path}: {exc.strerror or exc}")
+                continue
+            report.stray_files += 1
+            report.bytes += size
+        # An hour folder the recorder may be about to write into stays (it would fail to open its file).
+        busy_from = datetime.fromtimestamp(cutoff // 1_000_000, tz=UTC).strftime("%Y%m%dT%H") if recorder_active else "~"
+        for d in sorted(self.segments_dir.iterdir()) if self.segments_dir.exists() else []:
+            if d.is_dir() and _HOUR_DIR.match(d.name) and d.name < busy_from:
+                _remove_if_empty(d, self.segments_dir)
+        return report
+
     # -- start-up repair -----------------------------------------------------
 
     def reconcile(self) -> ReconcileReport:
@@ -448,6 +508,16 @@ class SegmentStore:
                 log.info("cannot recover %s: %s", part, error)
         source.unlink(missing_ok=True)
         return info
+
+
+@dataclass
+class WipeReport:
+    """What :meth:`SegmentStore.wipe` erased."""
+
+    segments: int = 0
+    bytes: int = 0
+    stray_files: int = 0
+    problems: list[str] = field(default_factory=list)
 
 
 def _merge(rows: list[tuple[int, int, int]], start_us: int, end_us: int) -> list[tuple[int, int]]:

@@ -28,11 +28,15 @@ COMMAND_MODULES = (
     "agent.cli.clip",
     "agent.cli.trust",
     "agent.cli.killswitch",
+    "agent.cli.consent",
     "agent.cli.log",
     "agent.cli.conformance",
     "agent.cli.approvals",
     "agent.cli.demo",
     "agent.cli.doctor",
+    "agent.cli.migrate",
+    "agent.cli.web",
+    "agent.cli.gpio",
 )
 
 COMMANDS: dict[str, str] = {
@@ -42,6 +46,7 @@ COMMANDS: dict[str, str] = {
     "clip": "agent.cli.clip",
     "trust": "agent.cli.trust",
     "killswitch": "agent.cli.killswitch",
+    "consent": "agent.cli.consent",
     "log": "agent.cli.log",
     "conformance": "agent.cli.conformance",
     "pending": "agent.cli.approvals",
@@ -49,6 +54,9 @@ COMMANDS: dict[str, str] = {
     "decline": "agent.cli.approvals",
     "demo": "agent.cli.demo",
     "doctor": "agent.cli.doctor",
+    "migrate": "agent.cli.migrate",
+    "web": "agent.cli.web",
+    "gpio": "agent.cli.gpio",
 }
 """The module that registers each command (tests/test_imports.py checks it against what they register)."""
 

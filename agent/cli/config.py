@@ -156,9 +156,22 @@ def _camera_problems(cfg: AgentConfig) -> list[str]:
     return []
 
 
+def _consent_problems(cfg: AgentConfig) -> list[str]:
+    """A consent file (``doorbell-agent consent``) that ``run`` could not use: it would share nothing."""
+    if cfg.policy is None or not cfg.paths.consent_file.exists():
+        return []
+    from agent.state.consent import FIX, ConsentFileError, effective_policy
+
+    try:
+        effective_policy(cfg)
+    except ConsentFileError as exc:
+        return [f"{exc}: the agent would share nothing until it is fixed; {FIX}"]
+    return []
+
+
 def check_problems(cfg: AgentConfig) -> list[str]:
-    """What would make ``run`` fail with this configuration, one sentence each (empty when nothing would)."""
-    return _data_dir_problems(cfg) + _tls_problems(cfg) + _camera_problems(cfg)
+    """What would make ``run`` fail (or share nothing) with this configuration, one sentence each (empty when nothing would)."""
+    return _data_dir_problems(cfg) + _tls_problems(cfg) + _camera_problems(cfg) + _consent_problems(cfg)
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -179,6 +192,11 @@ def _check(args: argparse.Namespace) -> int:
     print(f"  footage kept in {cfg.paths.data_dir} for up to {cfg.buffer.retention_hours:g} hours")
     if cfg.policy is None:
         print("  no [policy] section: the agent records but never shares")
+    elif cfg.paths.consent_file.exists():
+        from agent.state.consent import overridden_keys
+
+        print(f"  your consent file {cfg.paths.consent_file} replaces policy keys: {', '.join(overridden_keys(cfg))} "
+              "(doorbell-agent consent show)")
     if cfg.mqtt is None:
         print("  no [mqtt] section: the agent does not listen for requests")
     elif not cfg.mqtt.tls:

@@ -20,8 +20,12 @@ from agent.config import AgentConfig
 from agent.display import safe_text
 from agent.errors import UserError
 from agent.fsutil import read_status, write_atomically
-from agent.state.accesslog import REFUSALS_LISTED_PER_AGENCY_PER_HOUR, AccessLog, AccessLogError, LogEntry
+from agent.state.accesslog import REFUSALS_LISTED_PER_AGENCY_PER_HOUR, AccessLog, AccessLogError
 from agent.state.devicekey import DeviceKey, DeviceKeyError
+from agent.state.logtext import CHANGE_WORDS as _CHANGE_WORDS
+from agent.state.logtext import REFUSAL_WORDS as _REFUSAL_WORDS
+from agent.state.logtext import entry_lines as _entry_lines
+from agent.state.logtext import entry_words as _entry_words
 from agent.state.logverify import Problem, TailRules, VerifyReport, is_thumbprint, verify_bundle, verify_rows
 from agent.state.pin import PinError, pin_path, read_pin, signing_key
 from agent.timeutil import (
@@ -58,6 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     cp.set_defaults(func=_log_checkpoint)
     exp = lsub.add_parser("export", help="write the whole log to one file an auditor can check anywhere")
     exp.add_argument("-o", "--output", required=True, metavar="FILE", help="file to write, or - for standard output")
+    exp.add_argument("--output-name", help=argparse.SUPPRESS)  # the installed command's FILE, written from -o -
     exp.add_argument("--format", choices=("jsonl", "csv"), default="jsonl",
                      help="jsonl (default): the verifiable bundle; csv: a spreadsheet copy, NOT verifiable")
     exp.add_argument("--force", action="store_true", help="replace FILE if it already exists")
@@ -66,119 +71,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     summ.add_argument("--days", type=int, default=30, metavar="N", help="the last N days (default 30)")
     add_json_flag(summ)
     summ.set_defaults(func=_log_summary)
-
-
-_REASON_WORDS = {
-    "granted": "GRANTED",
-    "awaiting_resident": "waiting for your approval",
-    "wrong_issuer": "refused: signed by a key of another agency",
-    "oversight_required": "refused: no oversight co-signature",
-    "wrong_audience": "refused: meant for another program",
-    "clock_unsynced": "refused: this device's clock was not known to be right",
-    "key_not_valid": "refused: the signing key was revoked or outside its validity period",
-    "not_yet_valid": "refused: the request was not valid yet",
-    "expired": "refused: the request had expired",
-    "replayed": "refused: a reused request id with different content",
-    "kill_switch": "refused: your kill switch was on",
-    "no_consent": "refused: outside your consent period",
-    "warrant_required": "refused: you require a warrant",
-    "radius_too_large": "refused: the search area was larger than you allow",
-    "outside_geofence": "refused: your camera is outside the search area",
-    "window_too_long": "refused: asked for more time than you allow",
-    "outside_consent": "refused: the times asked for are outside your schedule",
-    "no_footage": "refused: no footage recorded for those times",
-    "rate_limited": "refused: the agency reached your daily limit",
-}
-_EVENT_WORDS = {
-    "approved": "you approved it",
-    "declined_by_resident": "you declined it",
-    "approval_expired": "it expired before you approved it",
-    "delivered": "the footage was delivered",
-    "delivery_cut": "the delivery was stopped by the kill switch",
-    "delivery_failed": "the delivery failed",
-    "delivery_refused": "stopped: when it was to be sent, your rules or trusted keys no longer allowed it",
-}
-_CHANGE_WORDS = {
-    "killswitch_on": "the kill switch was turned ON: nothing is shared",
-    "killswitch_off": "the kill switch was turned off: requests follow your rules again",
-    "trust_added": "agency key(s) added to your trust store",
-    "trust_revoked": "agency key(s) revoked in your trust store",
-    "trust_restored": "agency key(s) restored in your trust store",
-    "rules_changed": "your rules changed",
-    "rules_recorded": "your rules were recorded",
-    "approval_answered": "you answered a request waiting for your approval",
-}
-_REFUSAL_WORDS = {**{k: v.removeprefix("refused: ") for k, v in _REASON_WORDS.items()},
-                  "declined_by_resident": "you declined it", "approval_expired": "it expired before you answered"}
-
-
-def _window_words(w: Any, tz: tzinfo) -> str:
-    if not isinstance(w, dict):
-        return "-"
-    try:
-        start, end = parse_utc_z(w["start"]), parse_utc_z(w["end"])
-    except (KeyError, ValueError, TypeError):
-        return "?"
-    end_fmt = format_local(end, tz, seconds=True)
-    if start.astimezone(tz).date() == end.astimezone(tz).date():
-        end_fmt = end.astimezone(tz).strftime("%H:%M:%S")
-    return f"{format_local(start, tz)} to {end_fmt}"
-
-
-def _change_details(d: dict[str, Any]) -> str:
-    parts = []
-    if d.get("changed"):
-        parts.append("changed: " + ", ".join(str(c) for c in d["changed"]))
-    for key in ("issuer", "kids", "request", "answer", "file"):
-        v = d.get(key)
-        if v:
-            parts.append(f"{key.replace('_', ' ')} {', '.join(v) if isinstance(v, list) else v}")
-    return f" ({'; '.join(parts)})" if parts else ""
-
-
-def _entry_words(e: LogEntry) -> str:
-    if e.type == "event":
-        return _EVENT_WORDS.get(e.outcome, e.outcome)
-    if e.type == "resident":
-        return _CHANGE_WORDS.get(e.outcome, e.outcome)
-    return _REASON_WORDS.get(e.outcome, e.outcome)
-
-
-def _entry_lines(e: LogEntry, tz: tzinfo) -> list[str]:
-    d = e.data
-    head = f"#{e.seq}  {format_local(e.at, tz)}  "
-    if e.type == "resident":
-        return [head + f"YOUR CHANGE: {_entry_words(e)}{_change_details(d)}, by {d.get('by', '?')}"]
-    if e.type == "event":
-        words = _entry_words(e)
-        extra = []
-        if isinstance(d.get("bytes"), int):
-            extra.append(f"{d['bytes']:,} bytes")
-        if e.outcome != "delivered" and isinstance(d.get("chunks_handed"), int):
-            # What the agency can hold: a delivery short of its last chunk can never be opened.
-            of = f" of {d['chunks']}" if isinstance(d.get("chunks"), int) else ""
-            extra.append(f"{d['chunks_handed']}{of} chunks may have reached the agency")
-        if e.outcome in ("delivery_refused", "delivery_failed") and isinstance(d.get("reason"), str):
-            extra.append(f"why: {d['reason']}")
-        if d.get("delivery_id"):
-            extra.append(f"delivery {d['delivery_id']}")
-        tail = f" ({', '.join(extra)})" if extra else ""
-        return [head + f"request {e.jti} from {e.iss} (entry #{d.get('ref_seq')}): {words}{tail}"]
-    lines = [head + f"{e.iss}, officer {d.get('sub')}, case {d.get('case')}: {_entry_words(e)}"]
-    lines.append(f"      purpose: {d.get('purpose')}")
-    area = d.get("area") or {}
-    lines.append(
-        f"      asked for: {_window_words(d.get('requested'), tz)}, within {area.get('radius_m', 0):g} m of "
-        f"{area.get('lat')}, {area.get('lon')}" + (f"; warrant {d['warrant'].get('ref')} ({d['warrant'].get('court')})" if isinstance(d.get("warrant"), dict) else "")
-    )
-    if d.get("granted"):
-        label = "granted" if e.outcome == "granted" else "would share"
-        shared = f"      {label}: {_window_words(d.get('granted'), tz)}"
-        if isinstance(d.get("bytes"), int):
-            shared += f", {d['bytes']:,} bytes"
-        lines.append(shared)
-    lines.append(f"      request {e.jti}, signed by {', '.join(d.get('kids') or []) or '?'}")
-    return lines
 
 
 def _open_log(cfg: AgentConfig, device_key: DeviceKey | None = None) -> AccessLog | None:
@@ -402,7 +294,7 @@ def _verify_bundle(args: argparse.Namespace, witnesses: list[tuple[str, str]]) -
         )
     kid = _thumbprint_arg(args.device_key)
     try:
-        data = args.bundle.read_bytes()
+        data = sys.stdin.buffer.read() if str(args.bundle) == "-" else args.bundle.read_bytes()
     except OSError as exc:
         raise UserError(f"--bundle {args.bundle}: cannot read it ({exc.strerror or exc})") from None
     tz = local_zone()
@@ -513,7 +405,7 @@ def _log_export(args: argparse.Namespace) -> int:
         finally:
             log.close()
         _write_output(out, text.encode("utf-8"), args)
-        print(f"Wrote a spreadsheet copy of the access log to {args.output}. It is for reading only and cannot be "
+        print(f"Wrote a spreadsheet copy of the access log to {args.output_name or args.output}. It is for reading only and cannot be "
               "verified; for an auditor, export the bundle (without --format csv).", file=say)
         return 0
     if not cfg.paths.state_db.exists():
@@ -533,9 +425,9 @@ def _log_export(args: argparse.Namespace) -> int:
         log.close()
     _write_output(out, data, args)
     lines = data.count(b"\n")
-    print(f"Wrote the access log bundle ({lines} lines) to {args.output}, signed by this device "
+    print(f"Wrote the access log bundle ({lines} lines) to {args.output_name or args.output}, signed by this device "
           f"(thumbprint {key.kid}).", file=say)
-    print(f"To check it on any computer: doorbell-agent log verify --bundle {args.output} --device-key {key.kid}", file=say)
+    print(f"To check it on any computer: doorbell-agent log verify --bundle {args.output_name or args.output} --device-key {key.kid}", file=say)
     return 0
 
 

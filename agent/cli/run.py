@@ -41,6 +41,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         print_json(data)
     else:
         print("\n".join(status_lines(data)))
+        if cfg.policy is not None:  # the consent and limits in force, in words (as `consent show` says them)
+            from datetime import UTC, datetime
+
+            from agent.runtime.status import describe_consent
+
+            print("\n".join("  " + line for line in describe_consent(cfg, datetime.now(UTC))))
     return 0
 
 
@@ -109,6 +115,9 @@ def sharing_lines(data: dict[str, Any]) -> list[str]:
     consent = data.get("consent")
     if consent and not consent["consents"]:
         blockers.append(consent["why"])
+    svc_now = data.get("service") or {}
+    if svc_now.get("consent_file_error") and not svc_now.get("stopped") and not (consent and consent.get("file_error")):
+        blockers.append(f"the running agent cannot use your consent file ({svc_now['consent_file_error']})")
     if blockers:
         out.append("Sharing: BLOCKED, nothing will be shared because " + "; and ".join(blockers) + ".")
     else:
@@ -120,18 +129,25 @@ def sharing_lines(data: dict[str, Any]) -> list[str]:
     svc = data.get("service")
     if svc is None:
         out.append("  Request listener: not running (it starts with 'doorbell-agent run').")
+    elif svc.get("stopped"):
+        out.append(f"  Request listener: STOPPED at {_local_us(svc['updated_us'])}; not connected to the broker "
+                   "(it starts with 'doorbell-agent run').")
     elif svc.get("stale"):
         out.append(f"  Request listener: not reporting for {svc['age_s']:.0f} s; the agent may have stopped.")
     else:
         t = svc.get("transport") or {}
-        c = svc.get("counters") or {}
         state = "connected" if t.get("ready") else (t.get("state") or "unknown")
         err = f" (last problem: {t['last_error']})" if t.get("last_error") and not t.get("ready") else ""
         out.append(f"  Broker {t.get('broker', '?')}: {state}{err}.")
-        out.append(f"  Requests: {c.get('granted', 0)} granted, {c.get('refused', 0)} refused, "
-                   f"{c.get('held_for_approval', 0)} held for you, {c.get('preauth_rejected', 0)} unsigned or "
-                   f"malformed messages ignored; {c.get('delivered', 0)} deliveries completed.")
         out.extend(intake_lines(t))
+    counts = data.get("log")
+    if counts and counts.get("error"):
+        out.append(f"  Requests: cannot read the access log ({counts['error']}).")
+    elif counts:
+        out.append(f"  Last {counts['hours']} hours (from your access log): {counts['requests']} request(s), "
+                   f"{counts['granted']} granted, {counts['refused']} refused, {counts['waiting']} held for you, "
+                   f"{counts['delivered']} deliveries completed; {counts['ignored']} unsigned or malformed "
+                   "messages ignored.")
     if data["pending_approvals"]:
         out.append(f"  {data['pending_approvals']} request(s) wait for your answer: doorbell-agent pending")
     dk = data.get("device_key") or {}

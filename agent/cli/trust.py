@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     trust = sub.add_parser("trust", help="manage the agencies' keys you trust")
     tsub = trust.add_subparsers(dest="trust_command", metavar="ACTION", required=True)
     add = tsub.add_parser("add", help="import an agency's public keys (a JWK Set file)")
-    add.add_argument("file", metavar="FILE", help="JWK Set (JSON) from the agency or program")
+    add.add_argument("file", metavar="FILE", help="JWK Set (JSON) from the agency or program (- reads standard input)")
     add.add_argument("--force", action="store_true",
                      help="also accept keys that the file makes valid for longer (a later or no end date, an earlier "
                           "start) than your trust store says; each change is printed")
@@ -101,7 +101,9 @@ def _trust_add(args: argparse.Namespace) -> int:
     cfg = config_from(args)
     src = Path(args.file)
     try:
-        data = src.read_bytes()
+        # "-": the installed command opens FILE as the person typing it and hands it over on standard
+        # input; the agent's user could not reopen it (not even as /dev/stdin) from their home.
+        data = sys.stdin.buffer.read() if args.file == "-" else src.read_bytes()
     except OSError as exc:
         raise UserError(f"cannot read {src} ({exc.strerror or exc}); give the path of the agency's JWK Set file") from None
     try:

@@ -16,6 +16,7 @@ from typing import Any
 
 from agent.config import AgentConfig
 from agent.errors import UserError
+from agent.state.consent import ConsentChange, set_consent, withdraw_consent  # consent changes live there; listed here too
 from agent.state.killswitch import KillSwitch, KillSwitchState
 
 
@@ -66,3 +67,60 @@ def set_kill_switch(cfg: AgentConfig, on: bool, *, by: str) -> SwitchChange:
         ) from None
     shown = why if why is not None and cfg.paths.device_key_file.exists() else None
     return SwitchChange(state, seq, digest, shown, None)
+
+
+__all__ = ["SwitchChange", "set_kill_switch", "WipeResult", "wipe_buffer", "ConsentChange", "set_consent",
+           "withdraw_consent"]
+
+
+@dataclass(frozen=True)
+class WipeResult:
+    """What ``killswitch on --wipe`` erased and how it went into the access log."""
+
+    segments: int
+    bytes: int
+    stray_files: int
+    problems: list[str]
+    recorder_running: bool
+    seq: int | None
+    error: str | None  # why the wipe is not in the log
+
+    def to_json(self) -> dict[str, Any]:
+        return {"segments": self.segments, "bytes": self.bytes, "stray_files": self.stray_files,
+                "problems": self.problems, "recorder_running": self.recorder_running,
+                "log": {"seq": self.seq, "error": self.error}}
+
+
+def wipe_buffer(cfg: AgentConfig, *, by: str) -> WipeResult:
+    """Erase the stored footage (segments and their index rows; never the access log) and record it.
+
+    Call it with the kill switch already on (:func:`set_kill_switch`), so no delivery starts from
+    footage being erased. Safe while ``run`` records (:meth:`SegmentStore.wipe` deletes rows before
+    files, as eviction does); footage recorded from now on is kept. Loads the buffer code (PyAV) only here.
+    """
+    import time
+
+    from agent.buffer.segments import SegmentStore
+    from agent.runtime.supervisor import recorder_running
+
+    running = recorder_running(cfg)
+    try:
+        store = SegmentStore.from_config(cfg)
+    except Exception as exc:  # sqlite3.Error, OSError
+        raise UserError(f"cannot open the footage buffer {cfg.paths.buffer_db} ({exc}); nothing was erased. "
+                        "Run as the agent's user (the installed doorbell-agent command does) or with sudo") from None
+    try:
+        report = store.wipe(time.time_ns() // 1000, recorder_active=running)
+    finally:
+        store.close()
+    from agent.state.accesslog import record_rule_change
+
+    seq: int | None = None
+    error: str | None = None
+    try:
+        seq, _, _ = record_rule_change(cfg.paths, "buffer_wiped", by=by, details={
+            "segments": report.segments + report.stray_files, "bytes": report.bytes,
+            "recorder_running": running})
+    except Exception as exc:  # the footage is gone either way; say that the record is missing
+        error = f"{type(exc).__name__}: {exc}"
+    return WipeResult(report.segments, report.bytes, report.stray_files, report.problems, running, seq, error)

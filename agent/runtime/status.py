@@ -111,36 +111,183 @@ def sharing_status(cfg: AgentConfig, now: datetime | None = None) -> dict[str, A
         svc["stale"] = age > 3 * float(svc.get("status_interval_s") or 5.0)
         svc["age_s"] = round(age, 1)
     out["service"] = svc
+    out["log"] = log_counts(cfg, now)
     # The device key's pinned thumbprint (agent.state.pin): the homeowner notes it; log verify checks against it.
     out["device_key"] = device_identity(cfg.paths.data_dir, cfg.paths.device_key_file).to_json()
+    return out
+
+
+COUNT_HOURS = 24
+
+
+def log_counts(cfg: AgentConfig, now: datetime, hours: int = COUNT_HOURS) -> dict[str, Any]:
+    """The last ``hours`` of requests, grants, refusals and deliveries, as the access log has them.
+
+    From the log, not the service's memory: the counts survive a restart, and are right while the agent
+    is stopped. ``error`` says why there are none (a log this user cannot read, for instance).
+    """
+    from datetime import timedelta
+
+    from agent.timeutil import format_utc
+
+    out: dict[str, Any] = {"hours": hours, "since": format_utc(now - timedelta(hours=hours)), "error": None}
+    if not cfg.paths.state_db.exists():
+        out.update(requests=0, granted=0, refused=0, waiting=0, delivered=0, ignored=0)
+        return out
+    try:
+        from agent.state.accesslog import AccessLog
+
+        with AccessLog(cfg.paths.state_db) as alog:
+            s = alog.summary(now - timedelta(hours=hours), now + timedelta(seconds=1))
+    except Exception as exc:  # sqlite3.Error, OSError, a damaged log: `status` still answers
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        return out
+    out.update(requests=s["requests"] + s["refused_not_listed"], granted=s["granted"],
+               refused=s["refused"] + s["refused_not_listed"], waiting=s["waiting_or_held"],
+               delivered=s["deliveries"], cut=s["deliveries_cut"], failed=s["deliveries_failed"],
+               ignored=s["ignored_before_authentication"])
     return out
 
 
 def consent_status(cfg: AgentConfig, now: datetime) -> dict[str, Any]:
     """Whether the resident's consent holds at ``now``, and if not, why, in words with local times.
 
-    The rule itself is :meth:`agent.protocol.decision.Policy.consents_at`, the one the decision uses
-    (step 14), so ``status`` can never say "allowed" while every request is refused for consent.
-    The reason is only worked out once that rule has said no. Needs ``cfg.policy``.
+    The rules are those in force (:func:`agent.state.consent.effective_policy`: the configuration with
+    the resident's consent file applied) and the rule itself is :meth:`agent.protocol.decision.Policy.consents_at`,
+    the one the decision uses (step 14), so ``status`` can never say "allowed" while every request is
+    refused for consent. A consent file that cannot be used counts as no consent, as in the service.
+    Needs ``cfg.policy``.
     """
     from agent.protocol.decision import Policy
+    from agent.state.consent import ConsentFileError, effective_policy, overridden_keys
     from agent.timeutil import format_local, format_utc
 
     assert cfg.policy is not None
-    policy = Policy.from_config(cfg.policy)
+    try:
+        rules = effective_policy(cfg)
+        overridden = overridden_keys(cfg)
+    except ConsentFileError as exc:
+        from agent.state.consent import FIX
+
+        start_, end_ = cfg.policy.consent.start, cfg.policy.consent.end
+        return {"consents": False, "state": "unreadable", "why": f"{exc}; {FIX}", "withdrawn": True,
+                "start": format_utc(start_), "end": format_utc(end_), "source": "consent_file", "file_error": str(exc)}
+    where = "consent" if "consent" in overridden else "policy.consent"
+    policy = Policy.from_config(rules)
     consents = policy.consents_at(now)
     start, end = policy.consent_start, policy.consent_end
     if consents:
         state, why = "given", None
     elif policy.consent_withdrawn:
-        state, why = "withdrawn", "you withdrew your consent (policy.consent.withdrawn = true)"
+        state, why = "withdrawn", ("you withdrew your consent (doorbell-agent consent withdraw; "
+                                   "'doorbell-agent consent set --resume' gives it again)" if where == "consent"
+                                   else "you withdrew your consent (policy.consent.withdrawn = true)")
     elif now < start:
-        state, why = "not_started", f"your consent period starts only on {format_local(start, seconds=False)} (policy.consent.start)"
+        state, why = "not_started", f"your consent period starts only on {format_local(start, seconds=False)} ({where}.start)"
     elif now >= end:
-        state, why = "ended", f"your consent period ended on {format_local(end, seconds=False)} (policy.consent.end)"
+        state, why = "ended", f"your consent period ended on {format_local(end, seconds=False)} ({where}.end)"
     else:  # the rule said no for a reason this function does not know yet: say so rather than guess
-        state, why = "not_given", "your consent does not cover this moment (policy.consent)"
+        state, why = "not_given", f"your consent does not cover this moment ({where})"
     return {
         "consents": consents, "state": state, "why": why, "withdrawn": policy.consent_withdrawn,
         "start": format_utc(start), "end": format_utc(end),
+        **({"source": "consent_file", "overridden": overridden} if overridden else {}),
     }  # fmt: skip
+
+
+def human_seconds(seconds: float) -> str:
+    """A limit for people: "1 hour", "3 days", "90 minutes"."""
+    s = int(seconds)
+    for size, unit in ((86400, "day"), (3600, "hour"), (60, "minute")):
+        if s >= size and s % size == 0:
+            n = s // size
+            return f"{n} {unit}{'' if n == 1 else 's'}"
+    if s >= 3600 and s % 60 == 0:
+        return f"{s // 60} minutes"
+    return f"{s} second{'' if s == 1 else 's'}"
+
+
+def human_metres(m: float) -> str:
+    return f"{m / 1000:g} km" if m >= 1000 else f"{m:g} m"
+
+
+_DAY_WORDS = {"mon": "Mon", "tue": "Tue", "wed": "Wed", "thu": "Thu", "fri": "Fri", "sat": "Sat", "sun": "Sun"}
+
+
+def schedule_words(rules: Any) -> str:
+    """The weekly schedule in words: "any day, any time", or "Mon, Tue 08:00-20:00; Sat 10:00-14:00"."""
+    parts = []
+    for r in rules:
+        days = list(r.days)
+        if set(days) == set(_DAY_WORDS):
+            day_text = "every day"
+        elif days == ["mon", "tue", "wed", "thu", "fri"]:
+            day_text = "Mon-Fri"
+        elif set(days) == {"sat", "sun"}:
+            day_text = "Sat, Sun"
+        else:
+            day_text = ", ".join(_DAY_WORDS[d] for d in days)
+        hours = "all day" if (r.from_, r.to) in (("00:00", "24:00"), ("00:00", "00:00")) else f"{r.from_}-{r.to}"
+        parts.append(f"{day_text} {hours}")
+    if parts == ["every day all day"]:
+        return "any day, any time"
+    return "; ".join(parts)
+
+
+def describe_consent(cfg: AgentConfig, now: datetime) -> list[str]:
+    """The resident's consent and limits in plain words, one sentence a line (``consent show``, ``status``, the page).
+
+    Names the trusted agencies from the trust store when there are some, else the program. Local
+    times in the resident's zone. A consent file that cannot be used is said first, with the fix.
+    """
+    from zoneinfo import ZoneInfo
+
+    from agent.protocol.trust import TrustStoreError
+    from agent.state.consent import ConsentFileError, effective_policy
+    from agent.state.truststore import load_trust_store
+    from agent.timeutil import format_local
+
+    policy = cfg.require_policy()
+    tz = ZoneInfo(policy.timezone)
+    st = consent_status(cfg, now)
+    out: list[str] = []
+    try:
+        rules = effective_policy(cfg)
+    except ConsentFileError:
+        return [f"Consent: NOTHING IS SHARED: {st['why']}."]
+    try:
+        trust = load_trust_store(cfg.paths.trust_file, missing_ok=True)
+        names = sorted({k.iss for k in trust if k.role == "requester" and k.valid_at(now)})
+    except TrustStoreError:
+        names = []
+    who = (", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]) if names else (
+        f"Agencies of the program {rules.program}")
+    end_local = rules.consent.end.astimezone(tz)
+    until = format_local(rules.consent.end, tz, seconds=False)
+    if end_local.hour == 0 and end_local.minute == 0:  # the end of the day before, as `consent set --until DAY` means
+        from datetime import timedelta
+
+        until = f"the end of {(end_local - timedelta(days=1)).strftime('%a %d %b %Y')}"
+    if st["consents"]:
+        out.append(f"Consent: GIVEN, from {format_local(rules.consent.start, tz, seconds=False)} until {until}.")
+    elif st["state"] == "withdrawn":
+        out.append("Consent: WITHDRAWN, nothing is shared. 'doorbell-agent consent set --resume' gives it again.")
+    else:
+        out.append(f"Consent: NOT IN FORCE now, nothing is shared: {st['why']}.")
+    schedule = schedule_words(rules.consent.schedule)
+    sentence = (f"{who} may receive up to {human_seconds(rules.max_window_s)} of footage at a time, from the last "
+                f"{human_seconds(rules.max_age_s)}, for incidents within {human_metres(rules.max_radius_m)} of your home, "
+                f"until {until}")
+    out.append(sentence + ("." if schedule == "any day, any time" else f", recorded {schedule} only."))
+    limits = [f"at most {rules.grants_per_issuer_per_day} grant(s) per agency per day"]
+    if rules.require_warrant:
+        limits.append("a warrant is required")
+    if rules.require_oversight:
+        limits.append("an oversight body must co-sign")
+    limits.append("you approve each request yourself (doorbell-agent pending)" if rules.approval == "ask"
+                  else "requests that meet these rules are shared without asking you")
+    out.append("Limits: " + "; ".join(limits) + ".")
+    if st.get("overridden"):
+        out.append(f"Set with 'doorbell-agent consent' (in {cfg.paths.consent_file}), in place of the configuration "
+                   f"file's values: {', '.join(st['overridden'])}.")
+    return out

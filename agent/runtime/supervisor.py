@@ -169,15 +169,26 @@ def start_recording(cfg: AgentConfig, *, source: Source | None = None) -> Record
 COMPONENTS: list[Callable[[AgentConfig], Component]] = [start_recording]
 
 
-def components_for(cfg: AgentConfig) -> list[Callable[[AgentConfig], Component]]:
-    """What ``run`` starts: :data:`COMPONENTS`, and the sharing service if the configuration asks for it."""
+def components_for(cfg: AgentConfig, *, refuse_sharing: str | None = None) -> list[Callable[[AgentConfig], Component]]:
+    """What ``run`` starts: :data:`COMPONENTS`, and the sharing service if the configuration asks for it
+    and nothing (``refuse_sharing``: damaged or lost state, agent/state/integrity.py) stands against it."""
     starters = list(COMPONENTS)
-    if cfg.policy is not None and cfg.mqtt is not None:
+    if refuse_sharing and cfg.policy is not None and cfg.mqtt is not None:
+        log.error("recording only, NOT sharing: %s", refuse_sharing)
+    elif cfg.policy is not None and cfg.mqtt is not None:
         from agent.sharing.service import start_service
 
         starters.append(start_service)
     else:
         log.info("no [policy] and [mqtt] in the configuration: recording only, footage never leaves this device")
+    from agent.homeowner import homeowner_component, homeowner_configured  # light: gpiozero/paho load only if used
+
+    if homeowner_configured(cfg):  # [gpio] pins, [home_assistant] or [notify]
+        starters.append(homeowner_component)
+    if cfg.web.enabled:  # the local page; one that cannot start logs why and recording goes on (agent/web)
+        from agent.web import start_web_in_run
+
+        starters.append(start_web_in_run)
     return starters
 
 
@@ -250,7 +261,16 @@ def run_agent(cfg: AgentConfig) -> int:
     try:
         log.info("doorbell-agent starting (pid %d)", os.getpid())
         make_data_dir_private(cfg.paths.data_dir)
-        code = run_components(cfg, components_for(cfg))
+        # Stored data in an older format is upgraded first; data from a newer version stops the agent
+        # here (agent/state/migrate.py): nothing records or shares on state it might misread.
+        # Damaged or lost state stops sharing (not recording); a damaged buffer index is set aside and rebuilt.
+        from agent.state.integrity import check_data_dir
+        from agent.state.migrate import OWNERS, migrate_data_dir
+
+        checked = check_data_dir(cfg.paths.data_dir, sharing=cfg.policy is not None and cfg.mqtt is not None,
+                                 buffer=not recorder_running(cfg))  # never pull the index from under another recorder
+        migrate_data_dir(cfg.paths.data_dir, {n: m for n, m in OWNERS.items() if n not in checked.refused})
+        code = run_components(cfg, components_for(cfg, refuse_sharing=checked.why or None))
         log.info("stopped")
         return code
     finally:

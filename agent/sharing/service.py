@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from agent.buffer.segments import SegmentStore
-from agent.config import AgentConfig
+from agent.config import AgentConfig, PolicyConfig
 from agent.fsutil import write_json_atomic
 from agent.protocol.decision import BEFORE_REPLAY_REASONS, Decision, Policy, Reason, decide
 from agent.protocol.geohash import subscription_filter
@@ -56,6 +56,7 @@ from agent.sharing.transport import MqttTransport, default_client_id
 from agent.state.accesslog import AccessLog
 from agent.state.approvals import ApprovalQueue, PendingApproval
 from agent.state.clock import ClockSource, SystemClock
+from agent.state.consent import PolicyReloader
 from agent.state.devicekey import DeviceKey
 from agent.state.killswitch import KillSwitch
 from agent.state.replay import CLOCK_BACK_TOLERANCE_S, ReplayMemory
@@ -311,7 +312,9 @@ class RequestService:
         delivery_give_up_s: float = DELIVERY_GIVE_UP_S,
     ) -> None:
         self.cfg = cfg
-        self.policy = Policy.from_config(cfg.require_policy())
+        # The rules of each moment: the resident's consent file is re-read when it changes, no restart needed.
+        self.rules = PolicyReloader(cfg)
+        self._policy_of: tuple[PolicyConfig, Policy] | None = None
         self.root = cfg.mqtt.root if cfg.mqtt else "local"
         self.transport = transport
         self.device_key = device_key
@@ -337,6 +340,7 @@ class RequestService:
         )  # fmt: skip
         self._threads: list[threading.Thread] = []
         self._closed = False
+        self.started_at: datetime | None = None
         self._lock = threading.Lock()
         self._rejections: Counter[tuple[str, datetime]] = Counter()
         # Hooks for tests and status displays; they run on the worker threads, so keep them short.
@@ -345,12 +349,22 @@ class RequestService:
         transport.on_dropped = self._dropped_by_transport
         transport.use_inbox(paths.data_dir / INBOX_FILE)  # what the broker handed over survives a restart
 
+    @property
+    def policy(self) -> Policy:
+        """The rules in force now (:class:`agent.state.consent.PolicyReloader`: fail closed on a bad consent file)."""
+        rules = self.rules.get()
+        cached = self._policy_of
+        if cached is None or cached[0] is not rules:
+            cached = self._policy_of = (rules, Policy.from_config(rules))
+        return cached[1]
+
     # ---- lifecycle
 
     def start(self) -> None:
         # Pins the device key (a replaced key stops here), records changed rules, signs a start-up checkpoint.
         self.accesslog.service_started(self.cfg.paths.data_dir,
-                                       rules=self.cfg.require_policy().model_dump(mode="json", by_alias=True))
+                                       rules=self.rules.get().model_dump(mode="json", by_alias=True))
+        self.started_at = datetime.now(UTC)
         for job in self.outbox.pending():
             if job.log_seq == 0:  # stopped between writing the job and logging the grant
                 grant = [e for e in self.accesslog.entries(jti=job.jti) if e.outcome == "granted"]
@@ -386,6 +400,7 @@ class RequestService:
             self._closed = True
             self.transport.stop()
             self.flush_rejections()
+            self.write_status(stopped=True)  # so `status` says stopped at once, not "connected" until it goes stale
             self.accesslog.service_stopping()  # the shutdown checkpoint: the next start knows this stop was clean
             for closer in (self.replay.close, self.accesslog.close, self.store.close):
                 closer()
@@ -447,7 +462,7 @@ class RequestService:
             self.approvals.hold(
                 raw=payload, jti=req.jti, iss=req.iss, sub=req.sub, case=req.case, purpose=req.purpose,
                 granted_start=d.granted[0], granted_end=d.granted[1], exp=req.exp, now=now,
-                extra={"recipient": req.recipient.to_jwk()},
+                extra={"recipient": req.recipient.to_jwk(), "kids": list(d.kids)},
             )  # fmt: skip
             self.accesslog.append_decision(d, at=now)
             c.held_for_approval += 1
@@ -459,6 +474,8 @@ class RequestService:
             listed = self.accesslog.record_refusal(d, at=now, agency=_signing_agency(d, trust))
             c.refused += 1
             why = f" ({self.state.unsynced_why})" if d.reason is Reason.CLOCK_UNSYNCED else ""
+            if d.reason is Reason.NO_CONSENT and self.rules.error:
+                why = f" ({self.rules.error}; doorbell-agent consent show says how to fix it)"
             if listed is not None:
                 log.info("request %s from %s refused: %s%s", req.jti, req.iss, d.reason, why)
             else:  # not one journal line per copy either
@@ -508,6 +525,7 @@ class RequestService:
             # high-water mark: a clock stepped forward and then back is noticed (LiveState.clock_synced).
             if self.state.clock_synced:
                 self.replay.purge(now, margin_s=CLOCK_BACK_TOLERANCE_S)
+                self.replay.note_time(now)  # a later step back is noticed even if no request comes meanwhile
         except Exception:
             log.exception("housekeeping failed; it will be tried again")
 
@@ -628,13 +646,15 @@ class RequestService:
         out: dict[str, Any] = {"counters": self.counters.__dict__.copy(), "pending_deliveries": self.delivery.pending,
                                "transport": self.transport.status()}
         out["trust_store_error"] = self.trust.error
+        out["consent_file_error"] = self.rules.error
         return out
 
-    def write_status(self) -> None:
+    def write_status(self, *, stopped: bool = False) -> None:
         try:
             write_json_atomic(self.cfg.paths.service_status_file,
                               {**self.status(), "pid": os.getpid(), "updated_us": to_us(datetime.now(UTC)),
-                               "status_interval_s": STATUS_INTERVAL_S})
+                               "status_interval_s": STATUS_INTERVAL_S, "stopped": stopped,
+                               "started_us": to_us(self.started_at) if self.started_at else None})
         except OSError as exc:
             log.warning("cannot write the service status file: %s", exc)
 

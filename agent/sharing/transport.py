@@ -62,8 +62,12 @@ Choices, and why:
   paho itself would read a packet of any size (up to 256 MiB) into memory
   before looking at it, so :class:`_BoundedClient` checks the length as soon
   as it is decoded and drops the connection (``packet_too_large``) before a
-  byte of a larger packet's body is read: a hostile broker costs at most
-  about the advertised size in memory.
+  byte of a packet over :data:`READ_LIMIT_BYTES` is read: a hostile broker
+  costs at most about 1 MiB in memory. A larger packet up to that limit is
+  read, then dropped as ``oversize`` and acknowledged like any other, because
+  some brokers ignore the Maximum Packet Size (ejabberd 23.01 does) and send
+  the same message again after every reconnect: hanging up on it would leave
+  the agent deaf to every later request (docs/brokers.md).
 - **Publishing** (:meth:`publish`) waits for the PUBACK and returns ``False``
   on a refusal reason code (e.g. "Not authorized") or on timeout. A message
   is handed to paho only while connected (:meth:`publish_nowait`), never
@@ -127,6 +131,12 @@ MAX_REQUEST_BYTES = 16384
 
 MAX_PACKET_BYTES = MAX_REQUEST_BYTES + 4096
 """Advertised Maximum Packet Size: a full request plus room for topic and properties."""
+
+READ_LIMIT_BYTES = 1024 * 1024 + 4096
+"""The largest packet read at all (then dropped as oversize); a larger one ends the connection unread.
+
+Above what we advertise, for brokers that ignore it: a broker's own limit on what a client may publish
+(ejabberd's ``max_payload_size`` in docs/ejabberd/ejabberd.yml, 1 MiB) plus room for the topic."""
 
 DEFAULT_RECEIVE_MAXIMUM = 1024
 """Messages the broker may send ahead of our PUBACKs (which follow the inbox's group commit).
@@ -268,8 +278,9 @@ class _BoundedClient(mqtt.Client):
     **Bounded.** paho reads a packet's remaining length and then the whole body (up to 256 MiB)
     into memory before anything looks at it; a hostile broker could make us hold hundreds of MiB.
     Every read goes through ``_sock_recv``, and by the time paho asks for the first byte of a body
-    its remaining length is fully decoded: a packet larger than the Maximum Packet Size we
-    advertised is refused there, before a byte of its body is handed over, and the OSError makes
+    its remaining length is fully decoded: a packet larger than :data:`READ_LIMIT_BYTES` (about 1 MiB,
+    above the Maximum Packet Size we advertise, for brokers that ignore it) is refused there,
+    before a byte of its body is handed over, and the OSError makes
     paho treat the connection as lost (it closes the socket and reconnects with backoff). At most
     one read buffer (:data:`READ_CHUNK`) of it is ever in memory.
 
@@ -293,7 +304,7 @@ class _BoundedClient(mqtt.Client):
     properties on the real broker) check them.
     """
 
-    max_incoming_packet: int = MAX_PACKET_BYTES
+    max_incoming_packet: int = READ_LIMIT_BYTES
     on_packet_too_large: Callable[[int], None] | None = None
     _rbuf: bytes = b""
     _rbuf_pos: int = 0
@@ -1137,7 +1148,7 @@ class MqttTransport:
 
     def _packet_too_large(self, size: int) -> None:
         """paho's thread, about to drop the connection: a broker that ignores our Maximum Packet Size."""
-        text = (f"the broker sent a packet of {size} bytes, more than the {MAX_PACKET_BYTES} this agent accepts; "
+        text = (f"the broker sent a packet of {size} bytes, far more than the {MAX_PACKET_BYTES} this agent accepts; "
                 "the connection was dropped before reading it")
         with self._changed:
             self._counters["packet_too_large"] += 1

@@ -75,7 +75,7 @@ from agent.state.logverify import (
     checkpoint_digest,
     verify_connection,
 )
-from agent.state.pin import ensure_pin, pin_path
+from agent.state.pin import ensure_pin, pin_path, read_pin
 from agent.state.replay import CLOCK_BACK_TOLERANCE_S, KEEP_AFTER_EXP_S
 from agent.timeutil import format_utc, from_us, parse_utc_z, to_us
 
@@ -97,7 +97,7 @@ are counted. Far more than an agency's honest mistakes in an hour, and it holds 
 can add to 2,400 entries a day. Grants, held requests and events are never limited."""
 RULE_CHANGES = (
     "killswitch_on", "killswitch_off", "trust_added", "trust_revoked", "trust_restored", "rules_changed",
-    "rules_recorded", "approval_answered",
+    "rules_recorded", "approval_answered", "consent_changed", "consent_withdrawn", "consent_resumed", "buffer_wiped",
 )  # fmt: skip
 """What :meth:`AccessLog.append_rule_change` records: the resident's own changes to what may be shared."""
 _RESERVED = ("type", "jti", "iss", "event", "ref_seq", "seq", "at", "v", "change", "by")
@@ -672,13 +672,21 @@ class AccessLog:
         """
         if self.device_key is None:
             raise AccessLogError("the service needs the device key")
-        ensure_pin(pin_path(data_dir), self.device_key.kid)
+        from agent.state.integrity import StateLost, lost_message  # imports this module's neighbours only
+
+        # A pin means the agent ran before: its log must hold a checkpoint. On the first start the pin is
+        # written only after the first checkpoint is committed, so a crash in between is not taken for a lost log.
+        ran_before = read_pin(pin_path(data_dir)) is not None
+        if ran_before:
+            ensure_pin(pin_path(data_dir), self.device_key.kid)  # a key that is not the pinned one stops here
         now = self._clock()
         with self._lock:
             with transaction(self._conn) as conn:
                 seq, digest = self._head_locked()
                 self._known_head = seq  # the service's memory starts here
                 last = conn.execute("SELECT id, jws FROM access_log_checkpoints ORDER BY id DESC LIMIT 1").fetchone()
+                if last is None and ran_before:  # a lost or replaced log must not start again as if new
+                    raise StateLost(lost_message(self.path, pin_path(data_dir), "holds no signed checkpoint"))
                 self._known_cp = (int(last[0]), checkpoint_digest(last[1])) if last else None
                 after = self._previous_run_locked(seq)
                 if rules is not None:
@@ -688,6 +696,8 @@ class AccessLog:
                 cp = self._write_checkpoint_locked(now, seq, digest, "start", after=after)
             self._saw(seq, cp)
             self._heartbeat = HEARTBEAT
+        if not ran_before:
+            ensure_pin(pin_path(data_dir), self.device_key.kid)
         return cp
 
     def service_stopping(self) -> Checkpoint | None:

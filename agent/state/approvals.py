@@ -88,9 +88,36 @@ class PendingApproval:
     def expired_at(self, now: datetime) -> bool:
         return now > self.exp
 
+    def claims(self) -> dict[str, Any]:
+        """What the held request claims beyond the columns: legal basis, warrant, area, who signed.
+
+        Read from the request exactly as received (``raw``), which the decision verified before holding
+        it, so rows held by an older agent, before these were shown, have them too. ``signed_by`` is the
+        key ids the decision verified (kept in ``extra`` since then), else those the message names.
+        Empty when ``raw`` cannot be read (it always can, unless the database was edited).
+        """
+        from agent.protocol.jose import JwsError, parse_unverified
+        from agent.protocol.request import FootageRequest
+
+        try:
+            jws = parse_unverified(self.raw)
+            req = FootageRequest.from_claims(jws.claims)
+        except (JwsError, ValueError):
+            return {}
+        kids = self.extra.get("kids")
+        signed_by = [str(k) for k in kids] if isinstance(kids, list) else [sig.kid for sig in jws.signatures]
+        return {
+            "basis": req.basis,
+            "warrant": {"ref": req.warrant.ref, "court": req.warrant.court} if req.warrant else None,
+            "area": {"lat": req.area.lat, "lon": req.area.lon, "radius_m": req.area.radius_m},
+            "requested": {"start": format_utc(req.window_start), "end": format_utc(req.window_end)},
+            "signed_by": signed_by,
+        }
+
     def as_json(self) -> dict[str, Any]:
         """For ``pending --json``: everything but the raw message, times in RFC 3339 UTC."""
         return {
+            **self.claims(),
             "id": self.id,
             "jti": self.jti,
             "agency": self.iss,

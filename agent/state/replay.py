@@ -18,7 +18,9 @@ comes back, and the same ``jti`` could then be granted twice. Two guards:
   a ``jti`` or purged anything (:meth:`ReplayMemory.high_water`), durably; the
   service treats a clock that reads more than :data:`CLOCK_BACK_TOLERANCE_S`
   earlier than that as not synchronized (protocol step 8) until it has caught up,
-  and purges only with that much margin;
+  and purges only with that much margin; the running service also notes each minute the time of a
+  synchronized clock into the mark (:meth:`ReplayMemory.note_time`), so a step back is noticed even
+  after an hour without requests;
 - the service also counts a ``jti`` as seen when the access log holds a decision
   that used it, so purging this table can never make a logged request new again.
 """
@@ -39,6 +41,9 @@ KEEP_AFTER_EXP_S = 60
 CLOCK_BACK_TOLERANCE_S = 5
 """How far the clock may read behind the high-water mark and still count as right: NTP's own small
 corrections; a step back larger than this stops sharing until real time passes the mark again."""
+NOTE_EVERY_S = 60
+"""How often the running service writes the time it has seen into the mark: a step back by more than this
+(plus the tolerance) is noticed even when no request came; one small write a minute at most."""
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 _SCHEMA = """
@@ -133,6 +138,19 @@ class ReplayMemory:
             if cur.rowcount:
                 _raise_mark(conn, at)
         return cur.rowcount
+
+    def note_time(self, now: datetime, *, every_s: float = NOTE_EVERY_S) -> bool:
+        """Raise the high-water mark to ``now`` if it trails it by ``every_s`` or more; return whether it wrote.
+
+        Only for a clock known to be synchronized (the caller checks): a clock far ahead would otherwise
+        set a mark that stops sharing until real time reaches it.
+        """
+        mark = self.high_water()
+        if mark is not None and (now - mark).total_seconds() < every_s:
+            return False
+        with self._lock, transaction(self._conn) as conn:
+            _raise_mark(conn, now)
+        return True
 
     def high_water(self) -> datetime | None:
         """The latest time this memory remembered a jti at or purged at, or None if it never did."""

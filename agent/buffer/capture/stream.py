@@ -265,7 +265,7 @@ class StreamSource:
     def _end(self) -> None:
         if self.live:
             raise SourceUnavailable(f"{redact_url(self.url)} ended the stream")
-        raise SourceEnded(f"end of {self.url}")
+        raise SourceEnded(f"end of {redact_url(self.url)}")
 
     def _pts_us(self, pts: int | None) -> int | None:
         if pts is None:
