@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from agent.errors import UserError
@@ -103,6 +103,19 @@ class CameraConfig(_Section):
     keyframe_interval_s: Annotated[float, Field(gt=0, le=1.0)] = 1.0
     masks: list[list[Point]] = Field(default_factory=list)
     reconnect_max_s: Annotated[float, Field(gt=0, le=300)] = 30.0
+
+    @field_validator("url")
+    @classmethod
+    def _rtsp_address(cls, url: str | None, info: ValidationInfo) -> str | None:
+        """An RTSP camera needs an rtsp:// address; ``run`` would otherwise fail only when it starts recording."""
+        if url and info.data.get("source") == "rtsp" and not url.lower().startswith(("rtsp://", "rtsps://")):
+            from agent.display import redact_url
+
+            raise ValueError(
+                f"an RTSP camera's address must start with rtsp:// (or rtsps://), got {redact_url(url)!r}. Use the camera's RTSP address, which its app or manual gives "
+                "(often rtsp://USER:PASSWORD@CAMERA-IP:554/...), or set camera.source = 'file' to read a video file"
+            )
+        return url
 
     @field_validator("masks")
     @classmethod
@@ -265,6 +278,18 @@ def _host_port(value: str, key: str, default_port: int | None = None) -> tuple[s
     return host, int(port)
 
 
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (a name or an address) can only mean this machine: ``localhost`` or a loopback address."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class WebConfig(_Section):
     """The homeowner's local page (``agent.web``)."""
 
@@ -289,15 +314,7 @@ class WebConfig(_Section):
 
     @property
     def loopback_only(self) -> bool:
-        import ipaddress
-
-        host = self.host
-        if host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            return False
+        return is_loopback_host(self.host)
 
 
 GpioPin = Annotated[int, Field(ge=0, le=53)] | Annotated[str, Field(pattern=r"^(GPIO|BCM|BOARD)\d{1,2}$")]

@@ -7,11 +7,21 @@ target, fsync it, rename it over the target, fsync the directory.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
+import sqlite3
 from pathlib import Path
 from typing import Any
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """A write failed for want of space: ENOSPC/EDQUOT (PyAV's errors are OSErrors too) or SQLite's SQLITE_FULL."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(exc, sqlite3.OperationalError) and (
+        getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc))
 
 
 def fsync_dir(path: Path) -> None:

@@ -115,3 +115,15 @@ def format_local(dt: datetime, tz: tzinfo | None = None, *, seconds: bool = True
     """For a homeowner: local wall-clock time with the zone's abbreviation."""
     local = dt.astimezone(tz or local_zone())
     return local.strftime("%Y-%m-%d %H:%M:%S %Z" if seconds else "%Y-%m-%d %H:%M %Z")
+
+
+def duration_words(seconds: float) -> str:
+    """A length of time as a homeowner says it: "45 seconds", "10 minutes", "2 h 5 min"."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} second{'s' if seconds != 1 else ''}"
+    minutes = round(seconds / 60)
+    if minutes < 120:
+        return f"{minutes} minute{'s' if minutes != 1 else ''}"
+    hours, rest = divmod(minutes, 60)
+    return f"{hours} h {rest} min" if rest else f"{hours} hours"

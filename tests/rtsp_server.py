@@ -22,6 +22,12 @@ lookahead), a keyframe every ``--keyint`` frames (default: one second's
 worth), one slice per picture unless ``--slices`` says otherwise, RTP packetised
 by ``rtph264pay`` with SPS/PPS before each keyframe.
 
+``--switch-size WxH --switch-after N`` (or the environment variable
+``RTSP_SERVER_SWITCH=WxH@N``, for tests that start the server through a helper)
+makes the camera change its resolution after N frames sent: the pictures are
+scaled, x264 starts again with a new SPS and a keyframe, as a doorbell does when
+its settings change while a client watches.
+
 Why not have the server draw the QR codes itself: Debian's Python has neither
 OpenCV nor a QR library, and GStreamer's ``qroverlay`` takes its text as a
 property, which cannot be tied to one exact buffer.
@@ -51,11 +57,15 @@ class Camera:
         self.frame_bytes = width * height * 3
         self.lock = threading.Lock()
         self.appsrc: Gst.Element | None = None
+        self.size_filter: Gst.Element | None = None
+        self.switch: tuple[int, str] | None = None  # (after this many frames sent, new caps)
+        self.pushed = 0
         self.sent = open(sent_path, "a", buffering=1) if sent_path else None  # kept open for the life of the process
 
-    def attach(self, appsrc: Gst.Element) -> None:
+    def attach(self, appsrc: Gst.Element, size_filter: Gst.Element | None = None) -> None:
         with self.lock:
             self.appsrc = appsrc
+            self.size_filter = size_filter
 
     def detach(self) -> None:
         with self.lock:
@@ -78,6 +88,9 @@ class Camera:
                     continue
                 if self.sent is not None:
                     self.sent.write(f"{capture_us}\n")
+                self.pushed += 1
+                if self.switch is not None and self.pushed == self.switch[0] and self.size_filter is not None:
+                    self.size_filter.set_property("caps", Gst.Caps.from_string(self.switch[1]))
         GLib.idle_add(loop.quit)
 
 
@@ -92,11 +105,18 @@ def main() -> None:
     ap.add_argument("--slices", type=int, default=1,
                     help="slices per picture (x264 sliced threads), as some cameras send; default one")
     ap.add_argument("--sent", default=None, help="file to append the capture time of every frame sent to")
+    env_switch = os.environ.get("RTSP_SERVER_SWITCH", "")
+    ap.add_argument("--switch-size", default=env_switch.partition("@")[0], help="WxH to switch to (see above)")
+    ap.add_argument("--switch-after", type=int, default=int(env_switch.partition("@")[2] or 0),
+                    help="frames sent before the resolution changes")
     args = ap.parse_args()
 
     Gst.init(None)
     keyint = args.keyint or args.fps
     camera = Camera(args.width, args.height, args.fps, args.sent)
+    if args.switch_size and args.switch_after:
+        sw, sh = args.switch_size.split("x")
+        camera.switch = (args.switch_after, f"video/x-raw,format=I420,width={int(sw)},height={int(sh)}")
     threads = f"threads={args.slices} sliced-threads=true" if args.slices > 1 else "threads=1"
     # SPS and PPS go before every keyframe (config-interval=-1), as doorbells send them. With several
     # slices, rtph264pay would put them before each slice of the keyframe, which by H.264 7.4.1.2.3
@@ -106,7 +126,7 @@ def main() -> None:
     caps = f"video/x-raw,format=BGR,width={args.width},height={args.height},framerate={args.fps}/1"
     launch = (
         f"( appsrc name=cam is-live=true do-timestamp=true format=time block=false max-bytes={camera.frame_bytes * 4} "
-        f"caps={caps} ! videoconvert ! video/x-raw,format=I420 "
+        f"caps={caps} ! videoconvert ! videoscale method=nearest-neighbour ! capsfilter name=size caps=video/x-raw,format=I420 "
         f"! x264enc tune=zerolatency speed-preset=ultrafast {threads} key-int-max={keyint} "
         f"! video/x-h264,profile=constrained-baseline ! rtph264pay name=pay0 pt=96 config-interval={config_interval} )"
     )
@@ -116,7 +136,7 @@ def main() -> None:
 
     def configured(_factory: GstRtspServer.RTSPMediaFactory, media: GstRtspServer.RTSPMedia) -> None:
         appsrc = media.get_element().get_child_by_name("cam")
-        camera.attach(appsrc)
+        camera.attach(appsrc, media.get_element().get_child_by_name("size"))
         media.connect("unprepared", lambda _m: camera.detach())
 
     factory.connect("media-configure", configured)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,30 @@ def test_a_rejected_password_is_never_echoed(write_config) -> None:
         load_config(write_config(body))
     text = str(err.value)
     assert "mqtt.password" in text and "(hidden)" in text and "73912468" not in text
+
+
+def test_an_http_address_for_an_rtsp_camera_is_caught_by_config_check(write_config) -> None:
+    """`config check` refuses what `run` would: an RTSP camera needs an rtsp:// address; the password stays hidden."""
+    body = '[camera]\nsource = "rtsp"\nurl = "http://admin:Sup3rSecretPw@192.0.2.7/video.cgi?pwd=Sup3rSecretPw"\n'
+    r = run_cli("--config", str(write_config(body)), "config", "check")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "camera.url = (hidden): an RTSP camera's address must start with rtsp://" in r.stderr, r.stderr
+    assert "http://admin:********@192.0.2.7/video.cgi" in r.stderr and "camera.source = 'file'" in r.stderr
+    assert "Sup3rSecretPw" not in r.stdout + r.stderr and "Traceback" not in r.stderr
+    ok = body.replace("http://", "rtsp://").replace("/video.cgi?pwd=Sup3rSecretPw", ":554/stream1")
+    assert load_config(write_config(ok)).camera.url == "rtsp://admin:Sup3rSecretPw@192.0.2.7:554/stream1"
+    assert load_config(write_config(ok.replace("rtsp://", "RTSPS://"))).camera.source == "rtsp"
+
+
+def test_config_check_warns_when_max_bytes_cannot_hold_retention(write_config) -> None:
+    """The defaults (8 GiB, 72 hours) hold 4.5 to 33 hours at 720p15: said plainly, as a warning (exit 0)."""
+    r = run_cli("--config", str(write_config("")), "config", "check")
+    assert r.returncode == 0, r.stderr
+    assert ("WARNING: buffer.max_bytes (8.0 GB) cannot hold the 72 hours of buffer.retention_hours: at 1280x720 at "
+            "15 fps it holds between 4.5 and 32.9 hours") in r.stdout, r.stdout
+    data = json.loads(run_cli("--config", str(write_config("")), "config", "check", "--json").stdout)
+    assert data["ok"] is True and "cannot hold" in data["warnings"][0]
+    enough = run_cli("--config", str(write_config("[buffer]\nretention_hours = 4\n")), "config", "check")
+    assert enough.returncode == 0 and "WARNING: buffer.max_bytes" not in enough.stdout, enough.stdout
+    maybe = run_cli("--config", str(write_config("[buffer]\nretention_hours = 24\n")), "config", "check")
+    assert "may not hold the 24 hours" in maybe.stdout, maybe.stdout

@@ -163,6 +163,32 @@ def test_doctor_disk_against_retention(write_config: Callable[[str], Path]) -> N
     assert by["disk"][0]["status"] == "warn" and "less than the buffer needs" in by["disk"][0]["message"]
 
 
+def test_doctor_measures_what_max_bytes_holds_from_recent_footage(write_config: Callable[[str], Path]) -> None:
+    """With footage in the buffer, the hours max_bytes holds come from what the recorder stored lately."""
+    import sqlite3
+
+    from agent.buffer.segments import SegmentStore
+    from agent.cli.doctor import check_retention
+    from agent.config import load_config
+
+    body = "[buffer]\nretention_hours = 24\nmax_bytes = {}\n"
+    cfg = load_config(write_config(body.format(2 * 1024**3)))
+    assert check_retention(cfg)[0].message.startswith("buffer.max_bytes (2.0 GB) cannot hold the 24 hours")  # estimated
+    SegmentStore.from_config(cfg).close()  # the recorder's index, with its schema
+    now_us = int(datetime.now(UTC).timestamp() * 1e6)
+    start = now_us - 3600 * 10**6
+    with sqlite3.connect(cfg.paths.buffer_db) as conn:  # an hour of 4 s segments at 1 GB per hour
+        conn.executemany("INSERT INTO segments (start_us, end_us, frames, bytes, sha256, path) VALUES (?, ?, 60, ?, '', '')",
+                         [(start + i * 4_000_000, start + (i + 1) * 4_000_000, 1024**3 // 900) for i in range(900)])
+    (check,) = check_retention(cfg)
+    assert check.status == "warn", check
+    assert check.message.startswith("buffer.max_bytes (2.0 GB) holds only about 2.0 hours of footage at the rate this "
+                                    "camera recorded lately (1024.0 MB per hour), not the 24 hours"), check.message
+    assert check.fix is not None and "(26.4 GB)" in check.fix and "buffer.retention_hours to 2.0" in check.fix
+    cfg = load_config(write_config(body.format(30 * 1024**3)))  # 30 GB hold 24 hours at this rate: fine
+    assert check_retention(cfg)[0].status == "ok"
+
+
 def test_doctor_expired_certificate(write_config: Callable[[str], Path], broker: Broker, tmp_path: Path) -> None:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization

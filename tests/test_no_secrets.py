@@ -357,10 +357,11 @@ def test_camera_addresses_are_shown_without_passwords_in_the_query(url: str, sho
 
 
 def test_a_wrong_camera_scheme_is_named_without_its_password() -> None:
-    from agent.buffer.capture.factory import make_source
-    from agent.config import CameraConfig
-    from agent.errors import UserError
+    from pydantic import ValidationError
 
-    with pytest.raises(UserError) as err:
-        make_source(CameraConfig(source="rtsp", url="http://admin:s3cret@10.0.0.5/video?pwd=s3cret"))
-    assert "s3cret" not in str(err.value) and "http://admin:********@10.0.0.5/video" in str(err.value)
+    from agent.config import CameraConfig, format_validation_error
+
+    with pytest.raises(ValidationError) as err:
+        CameraConfig(source="rtsp", url="http://admin:s3cret@10.0.0.5/video?pwd=s3cret")
+    text = format_validation_error(err.value, Path("agent.toml"))
+    assert "s3cret" not in text and "http://admin:********@10.0.0.5/video" in text

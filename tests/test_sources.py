@@ -575,8 +575,10 @@ def test_factory_asks_for_raw_frames_when_a_mask_is_set(irregular_mp4: tuple[Pat
     source.close()
 
 
-def test_factory_refuses_a_non_rtsp_url_for_an_rtsp_camera() -> None:
-    with pytest.raises(UserError, match="must start with rtsp://"):
+def test_a_non_rtsp_url_for_an_rtsp_camera_is_refused_by_the_configuration() -> None:
+    from pydantic import ValidationError  # config check catches it too, not only run (tests/test_config.py)
+
+    with pytest.raises(ValidationError, match="must start with rtsp://"):
         make_source(CameraConfig(source="rtsp", url="http://user:pw@10.0.0.5/video"))
 
 

@@ -23,6 +23,16 @@ would overlap earlier segments (a clip over them would be out of order), and
 shifting their times would claim footage was taken when it was not. No gap row
 is written for a backward step: nothing is missing from the timeline.
 
+Broken video from the camera (tests/test_malformed_video.py): copied packets are not decoded,
+so each gets a cheap look at its NAL framing (segmentfile.h264_packet_problem). A packet that
+fails it would make a decoder refuse the whole segment: it is dropped with the packets up to the
+next keyframe (they refer to it), counted in ``frames_dropped``, logged once per run, and the hole
+becomes a gap whose reason starts "damaged video from the camera". Damage inside a picture's
+slice data (cut-short NAL units, a scrambled SPS) cannot be seen without decoding: those frames are
+stored as sent, the decoder conceals the damage until the next keyframe, and nothing is missing
+from the timeline. A decoding source (a mask, a non-H.264 camera) skips what its decoder refuses;
+the hole is a "frames missing" gap.
+
 On an error the writer finishes the segment it has open (or removes it if even
 that fails) before it stops, so no container or file descriptor is leaked.
 
@@ -46,10 +56,10 @@ from typing import Any, Protocol, cast
 import av
 
 from agent.buffer.capture import EncodedPacket, Frame, Source, SourceEnded, SourceUnavailable
-from agent.buffer.segmentfile import EncoderSettings, SegmentFile, pick_codec
+from agent.buffer.segmentfile import EncoderSettings, SegmentFile, h264_packet_problem, nal_length_size, pick_codec
 from agent.buffer.segments import SegmentStore
 from agent.config import BufferConfig, CameraConfig
-from agent.fsutil import write_json_atomic
+from agent.fsutil import is_disk_full, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +119,7 @@ class RecorderStats:
     last_error: str | None = None
     last_error_us: int | None = None
     current_segment_start_us: int | None = None
+    disk_full: str | None = None  # set while the disk is too full to keep recording normally; says what happens
     status_interval_s: float = STATUS_INTERVAL_S
     version: int = STATUS_VERSION
 
@@ -269,7 +280,13 @@ class Recorder:
                         break
                     backoff = min(backoff * 2, self.camera.reconnect_max_s)
                     continue
-                except SourceEnded:
+                except SourceEnded as exc:
+                    if self.stats.frames_captured == 0:
+                        # An empty file, or one with nothing decodable in it: say so, not just "ended".
+                        self._note_error(f"no video frames in it ({exc})")
+                        log.warning("the camera's video ended before a single frame could be read (%s)", exc)
+                    else:
+                        log.info("the video has ended (%s)", exc)
                     self._put_control(_End("ended"))
                     return
                 backoff = self.initial_backoff_s
@@ -412,9 +429,13 @@ class _SegmentWriter:
         self.last_frame_us: int | None = self.last_end_us - 1 if self.last_end_us is not None else None
         self._behind_since: int | None = None  # capture time of the first frame of a backward clock step
         self._seg_frames = 0
+        self._last_bytes: int | None = None  # size of the newest segment stored: the room the next one needs
         self.gap_reason = "recorder was not running"
         self.disconnected_at: int | None = None
         self.decoder: av.VideoCodecContext | None = None
+        # NAL framing of the copied stream: None until known, then (length prefix size or None for Annex B,).
+        self._framing: tuple[int | None] | None = None
+        self._damaged = 0  # packets dropped as damaged since the last good keyframe
         self.codec = pick_codec(rec.camera.encoder)
         self._settings: EncoderSettings | None = None
 
@@ -474,7 +495,12 @@ class _SegmentWriter:
         while True:
             item = q.get()
             if isinstance(item, _End):
-                self.close_segment()
+                try:
+                    self.close_segment()
+                except Exception as exc:
+                    if not is_disk_full(exc):
+                        raise
+                    self.disk_full(exc)
                 if item.reason == "ended":
                     rec._set_state("ended")
                 if self.disconnected_at is not None and self.last_end_us is not None:
@@ -490,17 +516,27 @@ class _SegmentWriter:
                 continue
             if isinstance(item, _Reconnected):
                 self.decoder = None  # a new stream may have new parameters
+                self._framing = None
                 continue
-            if isinstance(item, EncodedPacket):
-                # A source that blacked the mask out before its own encoder (the Pi camera's
-                # YUV buffer) says so: its packets are stored as they are.
-                if rec.mask is None or getattr(rec.source, "masks_applied", False):
-                    self.add_packet(item)
-                else:
-                    for frame in self.decode(item):
-                        self.add_frame(frame)
+            try:
+                self.store_item(item)
+            except Exception as exc:
+                if not is_disk_full(exc):
+                    raise
+                self.disk_full(exc)
+
+    def store_item(self, item: EncodedPacket | Frame) -> None:
+        rec = self.rec
+        if isinstance(item, EncodedPacket):
+            # A source that blacked the mask out before its own encoder (the Pi camera's
+            # YUV buffer) says so: its packets are stored as they are.
+            if rec.mask is None or getattr(rec.source, "masks_applied", False):
+                self.add_packet(item)
             else:
-                self.add_frame(item)
+                for frame in self.decode(item):
+                    self.add_frame(frame)
+        else:
+            self.add_frame(item)
 
     # raw frames (and decoded-for-masking frames)
 
@@ -532,6 +568,8 @@ class _SegmentWriter:
 
     def add_packet(self, item: EncodedPacket) -> None:
         rec = self.rec
+        if self.damaged(item):
+            return
         if not self.accept(item.capture_us):
             # The packets after this one may refer to it: end the segment here and start the
             # next at a keyframe (the check below drops the rest of this group).
@@ -554,6 +592,31 @@ class _SegmentWriter:
         assert self.seg is not None
         self.seg.add_packet(item)
         self.stored(item.capture_us)
+
+    def damaged(self, item: EncodedPacket) -> bool:
+        """True (and the packet dropped) if it is not well-formed H.264 (see h264_packet_problem).
+
+        Stored, such a packet would make the segment unplayable: the segment ends at the frame
+        before it, the packets up to the next good keyframe are dropped (they refer to it), and
+        the hole becomes a gap saying why. Counted as dropped frames; logged once per run.
+        """
+        template = self.rec.source.stream_template
+        if template is None or template.codec_context.name != "h264":
+            return False
+        if self._framing is None:
+            self._framing = (nal_length_size(template.codec_context.extradata),)
+        problem = h264_packet_problem(bytes(item.packet), self._framing[0])
+        if problem is None:
+            return False
+        with self.rec._lock:
+            self.rec.stats.frames_dropped += 1
+        if not self._damaged:
+            log.warning("damaged video from the camera (%s): skipping to its next good keyframe", problem)
+            self.rec._note_error(f"damaged video from the camera ({problem}); skipped to the next keyframe")
+        self._damaged += 1
+        self.close_segment()
+        self.gap_reason = f"damaged video from the camera ({problem})"
+        return True
 
     def decode(self, item: EncodedPacket) -> list[Frame]:
         if self.decoder is None:
@@ -586,6 +649,9 @@ class _SegmentWriter:
             rec.store.add_gap(self.last_end_us, start_us, self.gap_reason)
         self.disconnected_at = None
         self.gap_reason = "frames missing"
+        if self._damaged:
+            log.warning("recording again after %d damaged packet(s) from the camera", self._damaged)
+            self._damaged = 0
         path = rec.store.new_segment_path(start_us)
         self.seg = SegmentFile(path, frame_us=self.frame_us, **kw) if "template" in kw else SegmentFile(path, **kw)
         self._seg_frames = 0
@@ -607,7 +673,13 @@ class _SegmentWriter:
             raise
         if info is None:
             return
-        record = rec.store.add(info)
+        try:
+            record = rec.store.add(info)
+        except Exception as exc:
+            if is_disk_full(exc):  # not indexed: the file would be an orphan taking the space needed
+                info.path.unlink(missing_ok=True)
+            raise
+        self._last_bytes = info.bytes
         rec.finalize_latencies_s.append(time.perf_counter() - t0)
         self.last_end_us = info.end_us
         with rec._lock:
@@ -621,6 +693,50 @@ class _SegmentWriter:
         if report.evicted:
             log.info("retention: removed %d old segment(s), %d bytes (%s)", report.evicted, report.bytes_freed,
                      ", ".join(f"{k}: {v}" for k, v in report.reasons.items()))
+        too_full = ("THE DISK IS TOO FULL TO KEEP A BUFFER: only the newest segment is kept (free space is below "
+                    "buffer.min_free_bytes)" if rec.store.disk_too_full else None)
+        with rec._lock:
+            was = rec.stats.disk_full
+        # After a full disk, "room again" only with room for a few more segments: not at every segment.
+        if too_full is None and was is not None and not was.startswith("THE DISK IS TOO FULL") \
+                and rec.store.free_bytes() < 4 * info.bytes:
+            return
+        with rec._lock:
+            rec.stats.disk_full = too_full
+        if was is not None and too_full is None:
+            log.warning("the disk has room again; recording normally")
+
+    def disk_full(self, exc: BaseException) -> None:
+        """A write failed because the disk is full: drop the open segment, evict the oldest, go on.
+
+        Retention runs after each segment and keeps buffer.min_free_bytes free, but a disk can fill
+        faster (another program, a too-small min_free_bytes). Stopping the recorder would lose
+        everything from now on; the frames of the open segment are lost instead (a gap says why),
+        and the oldest footage makes room. The newest stored segment is never evicted.
+        """
+        rec = self.rec
+        seg, self.seg = self.seg, None
+        if seg is not None:
+            seg.abort()
+        with rec._lock:
+            rec.stats.frames_dropped += max(self._seg_frames, 1)
+            rec.stats.current_segment_start_us = None
+            first = rec.stats.disk_full is None
+        self._seg_frames = 0
+        self.gap_reason = "the disk was full"
+        need = max(self.rec.buffer.min_free_bytes, rec.store.reserve_bytes) + 2 * (self._last_bytes or 1024 * 1024)
+        try:
+            freed = rec.store.make_room(need)
+        except Exception:  # noqa: BLE001 - the index itself cannot be written; try again at the next frame
+            log.debug("could not evict to make room", exc_info=True)
+            freed = 0
+        text = ("THE DISK IS FULL: the oldest footage is removed to keep recording" if freed else
+                "THE DISK IS FULL and no older footage is left to remove: frames are dropped until space is freed")
+        with rec._lock:
+            changed, rec.stats.disk_full = rec.stats.disk_full != text, text
+        if first or changed:
+            log.warning("%s (%s); free some space on %s", text, exc, rec.store.segments_dir)
+            rec._note_error(text)
 
     def stored(self, capture_us: int) -> None:
         self.last_frame_us = capture_us

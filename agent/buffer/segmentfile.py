@@ -215,3 +215,50 @@ def _duration_us(pkt: av.Packet) -> int | None:
     # Integer arithmetic: this runs for every packet of a stream-copied camera.
     num = pkt.duration * tb.numerator * 1_000_000
     return (2 * num + tb.denominator) // (2 * tb.denominator) or None
+
+
+def nal_length_size(extradata: bytes | None) -> int | None:
+    """Bytes of each NAL unit's length prefix in a stream whose extradata is ``extradata``
+    (an ``avcC`` record: MP4, MKV), or None for Annex B streams (start codes: RTSP, raw .h264)."""
+    if extradata and len(extradata) >= 5 and extradata[0] == 1:
+        return (extradata[4] & 3) + 1
+    return None
+
+
+def h264_packet_problem(data: bytes, length_size: int | None) -> str | None:
+    """Why ``data`` cannot be one H.264 access unit, or None if its NAL units are well formed.
+
+    Stream copy does not decode, so this is the only look the recorder takes at a camera's
+    packets: the framing of each NAL unit (start codes or length prefixes that tile the
+    packet exactly), its forbidden bit and its type. It catches garbage and packets cut
+    short at the framing level, the ones that make a decoder refuse a segment outright.
+    Damage inside a picture's slice data is not visible without decoding; a decoder conceals
+    it until the next keyframe, so such a segment still plays.
+    """
+    units: list[bytes] = []
+    if length_size is None:
+        # Bytes before the first start code are skipped by decoders (and by the MP4 muxer, which
+        # rewrites start codes as length prefixes), so only a packet without any is refused.
+        if b"\x00\x00\x01" not in data:
+            return "no start code"
+        units = [u.rstrip(b"\x00") for u in data.split(b"\x00\x00\x01")[1:]]
+    else:
+        at = 0
+        while at < len(data):
+            if at + length_size > len(data):
+                return "a NAL unit length is cut off"
+            size = int.from_bytes(data[at:at + length_size], "big")
+            at += length_size
+            if size == 0 or at + size > len(data):
+                return "a NAL unit is longer than the packet"
+            units.append(data[at:at + size])
+            at += size
+    if not units:
+        return "no NAL unit"
+    for unit in units:
+        if not unit:
+            return "an empty NAL unit"
+        nal_type = unit[0] & 0x1F
+        if unit[0] & 0x80 or nal_type == 0 or nal_type >= 24:
+            return f"a NAL unit header that is not H.264 (0x{unit[0]:02x})"
+    return None

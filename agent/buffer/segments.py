@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import shutil
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -146,6 +147,11 @@ class ReconcileReport:
         return out
 
 
+# Free space footage never takes, whatever buffer.min_free_bytes says: the access log, the replay
+# memory and the inbox must be able to record a decision on a disk the footage has filled.
+STATE_RESERVE_BYTES = 4 * 1024 * 1024
+
+
 def _disk_free(path: Path) -> int:
     return shutil.disk_usage(path).free
 
@@ -158,8 +164,9 @@ class SegmentStore:
     """
 
     def __init__(self, buffer_db: Path, segments_dir: Path, *, buffer: BufferConfig | None = None,
-                 disk_free: Callable[[Path], int] = _disk_free) -> None:
+                 disk_free: Callable[[Path], int] = _disk_free, reserve_bytes: int = 0) -> None:
         self.buffer_db = Path(buffer_db)
+        self.reserve_bytes = reserve_bytes  # free space retention keeps at least, whatever min_free_bytes says
         self.segments_dir = Path(segments_dir)
         self.buffer = buffer or BufferConfig()
         self._disk_free = disk_free
@@ -176,7 +183,7 @@ class SegmentStore:
 
     @classmethod
     def from_config(cls, cfg: AgentConfig) -> SegmentStore:
-        return cls(cfg.paths.buffer_db, cfg.paths.segments_dir, buffer=cfg.buffer)
+        return cls(cfg.paths.buffer_db, cfg.paths.segments_dir, buffer=cfg.buffer, reserve_bytes=STATE_RESERVE_BYTES)
 
     def close(self) -> None:
         with self._lock:
@@ -292,7 +299,7 @@ class SegmentStore:
             total, newest_end = self._db.execute(
                 "SELECT COALESCE(SUM(bytes), 0), MAX(end_us) FROM segments").fetchone()
         if newest_end is not None and self._disk_too_full_warned \
-                and self._disk_free(self.segments_dir) >= b.min_free_bytes:
+                and self._disk_free(self.segments_dir) >= max(b.min_free_bytes, self.reserve_bytes):
             self._disk_too_full_warned = False
             log.warning("free disk space is back above buffer.min_free_bytes; the buffer grows again")
         while True:
@@ -307,7 +314,7 @@ class SegmentStore:
                 why = "age"
             elif total > b.max_bytes:
                 why = "size"
-            elif self._disk_free(self.segments_dir) < b.min_free_bytes:
+            elif self._disk_free(self.segments_dir) < max(b.min_free_bytes, self.reserve_bytes):
                 if rec.end_us >= newest_end:
                     # Only the newest segment is left and the disk is still too full: something
                     # else fills it. Deleting the footage just written would not help; keep it.
@@ -328,16 +335,51 @@ class SegmentStore:
                 self._db.execute("DELETE FROM gaps WHERE end_us <= ?", (first if first is not None else now_us,))
         return RetentionReport(evicted, freed, reasons)
 
+    @property
+    def disk_too_full(self) -> bool:
+        """True while only the newest segment is kept because free space is below buffer.min_free_bytes."""
+        return self._disk_too_full_warned
+
+    def free_bytes(self) -> int:
+        return self._disk_free(self.segments_dir)
+
+    def make_room(self, need_bytes: int) -> int:
+        """Evict oldest segments, never the newest, until ``need_bytes`` are free; return the bytes freed.
+
+        For a write that already failed because the disk is full (retention runs only after a segment
+        is stored, and ``buffer.min_free_bytes`` may be too small for the next one). 0: nothing left
+        that may go.
+        """
+        freed = 0
+        while self._disk_free(self.segments_dir) < need_bytes:
+            with self._lock:
+                rows = self._db.execute("SELECT id, start_us, end_us, frames, bytes, sha256, path FROM segments "
+                                        "ORDER BY start_us LIMIT 2").fetchall()
+            if len(rows) < 2:
+                break
+            rec = self._record(rows[0])
+            try:
+                self._evict(rec)
+            except sqlite3.OperationalError:
+                # So full that SQLite cannot even note the deletion (its journal needs a page): the
+                # file goes first this once. A crash right here leaves a row without a file, which
+                # the start-up check forgets ("forgot an index entry whose file is gone").
+                rec.path.unlink(missing_ok=True)
+                self._evict(rec)
+            freed += rec.bytes
+        return freed
+
     def _warn_disk_too_full(self, b: BufferConfig) -> None:
         """Say it once per episode: a line per segment would bury every other log line."""
         if self._disk_too_full_warned:
             return
         self._disk_too_full_warned = True
         log.warning(
-            "THE DISK IS TOO FULL TO KEEP A BUFFER: %d bytes free in %s, below buffer.min_free_bytes (%d), "
+            "THE DISK IS TOO FULL TO KEEP A BUFFER: %d bytes free in %s, below buffer.min_free_bytes (%d; "
+            "never less than the 4 MB kept for the access log and the replay memory), "
             "with only the newest segment left. Something other than footage fills the disk; free some "
             "space or lower buffer.min_free_bytes. Until then only the newest segment is kept.",
-            self._disk_free(self.segments_dir), self.segments_dir, b.min_free_bytes)
+            self._disk_free(self.segments_dir), self.segments_dir, max(b.min_free_bytes, self.reserve_bytes))
 
     def _evict(self, rec: SegmentRecord) -> None:
         # Row first, then file: a crash in between leaves an orphan file (reconcile

@@ -22,7 +22,7 @@ from agent.display import safe_text
 from agent.protocol.geo import haversine_m
 from agent.protocol.trust import TrustStore
 from agent.state.approvals import ApprovalQueue, PendingApproval, parse_id
-from agent.timeutil import format_local, format_utc, local_zone
+from agent.timeutil import duration_words, format_local, format_utc, local_zone
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,17 +44,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0, round(seconds))
-    if seconds < 60:
-        return f"{seconds} second{'s' if seconds != 1 else ''}"
-    minutes = round(seconds / 60)
-    if minutes < 120:
-        return f"{minutes} minute{'s' if minutes != 1 else ''}"
-    hours, rest = divmod(minutes, 60)
-    return f"{hours} h {rest} min" if rest else f"{hours} hours"
 
 
 def _signers(kids: list[str], trust: TrustStore | None) -> tuple[str, str]:
@@ -89,12 +78,12 @@ def _describe(item: PendingApproval, now: datetime, tz: tzinfo | None, *, home: 
     length = (item.granted_end - item.granted_start).total_seconds()
     left = (item.exp - now).total_seconds()
     return [
-        f"Request {item.id}: answer within {_duration(left)} (until {format_local(item.exp, tz, seconds=False)})",
+        f"Request {item.id}: answer within {duration_words(left)} (until {format_local(item.exp, tz, seconds=False)})",
         f"  Agency:   {safe_text(item.iss)}",
         f"  Officer:  {safe_text(item.sub)}",
         f"  Case:     {safe_text(item.case)}",
         f"  Purpose:  {safe_text(item.purpose)}",
-        f"  Footage:  {start} to {end} ({_duration(length)})",
+        f"  Footage:  {start} to {end} ({duration_words(length)})",
         *_claim_lines(item, home, trust),
         f"  Share it:   doorbell-agent approve {item.id}",
         f"  Refuse it:  doorbell-agent decline {item.id}",
@@ -176,7 +165,7 @@ def _approve(args: argparse.Namespace) -> int:
     if args.json:
         print_json(item.as_json())
         return 0
-    length = _duration((item.granted_end - item.granted_start).total_seconds())
+    length = duration_words((item.granted_end - item.granted_start).total_seconds())
     print(f"Approved request {item.id} from {safe_text(item.iss)} (case {safe_text(item.case)}).")
     print(f"The agent will send {length} of footage, encrypted to the agency, within a few seconds while it runs.")
     return 0

@@ -178,8 +178,12 @@ def _check(args: argparse.Namespace) -> int:
     cfg = config_from(args)
     path = config_path(args.config)
     problems = check_problems(cfg)
+    from agent.runtime.status import retention_warning  # a warning: `run` works, but keeps fewer hours
+
+    warnings = [w for w in (retention_warning(cfg),) if w]
     if args.json:
-        print_json({"ok": not problems, "path": str(path), "problems": problems, "config": redacted(cfg)})
+        print_json({"ok": not problems, "path": str(path), "problems": problems, "warnings": warnings,
+                    "config": redacted(cfg)})
         return 1 if problems else 0
     if problems:
         print(f"{path}: the file is valid, but 'doorbell-agent run' would fail: {len(problems)} problem(s):",
@@ -201,4 +205,6 @@ def _check(args: argparse.Namespace) -> int:
         print("  no [mqtt] section: the agent does not listen for requests")
     elif not cfg.mqtt.tls:
         print("  WARNING: mqtt.tls is off; the broker link is not encrypted")
+    for w in warnings:
+        print(f"  WARNING: {w}.")
     return 0

@@ -7,7 +7,8 @@ status 1 when anything failed.
 The checks: the configuration (the same as ``config check``: files ``run`` needs), the camera, the
 clock's synchronization, the broker (a TLS handshake with the configured CA and client certificate),
 certificate expiry (client certificate, CA file, the broker's certificate), disk space against the
-retention asked for, file permissions, the trust store, the consent period, and the systemd service
+retention asked for, whether buffer.max_bytes holds buffer.retention_hours, damaged or lost state (which
+``run`` refuses to share on), file permissions, the trust store, the consent period, and the systemd service
 with its watchdog. Nothing printed shows a secret.
 """
 
@@ -265,6 +266,36 @@ def _bytes_per_hour(cfg: AgentConfig) -> float | None:
     return None
 
 
+def check_retention(cfg: AgentConfig) -> list[Check]:
+    """Whether buffer.max_bytes holds buffer.retention_hours of footage (the recorder deletes at whichever comes first)."""
+    from agent.runtime.status import retention_warning
+
+    why = retention_warning(cfg)
+    if why is None:
+        return [Check("retention", "ok", f"buffer.max_bytes holds the {cfg.buffer.retention_hours:g} hours of "
+                      "buffer.retention_hours")]
+    sentence, _, fix = why.partition(". Set ")
+    return [Check("retention", "warn", sentence, "set " + fix if fix else None)]
+
+
+def check_state(cfg: AgentConfig, now: datetime) -> list[Check]:
+    """Damaged or lost state, or a request listener that is down while ``run`` is up: ``run`` shares nothing."""
+    if cfg.policy is None or cfg.mqtt is None:
+        return [Check("state", "skip", "sharing is not configured")]
+    from agent.runtime.status import RESTART, sharing_status
+
+    s = sharing_status(cfg, now)
+    refused = s["state"]["refused"]
+    if refused:
+        return [Check("state", "fail", f"NOT SHARING: {why}",
+                      "restore the file from your backup (README.md, 'Back up and restore'), " + RESTART)
+                for why in refused.values()]
+    if s.get("not_sharing"):
+        return [Check("state", "fail", f"NOT SHARING: {s['not_sharing']}", "see journalctl -u doorbell-agent -n 50, "
+                      + RESTART)]
+    return [Check("state", "ok", "the access log and the memory of requests are intact")]
+
+
 def check_permissions(cfg: AgentConfig, config_file: Path) -> list[Check]:
     out: list[Check] = []
     data = cfg.paths.data_dir
@@ -360,6 +391,7 @@ def run_checks(cfg: AgentConfig, config_file: Path, timeout: float = 5.0, now: d
     checks: list[Check] = []
     for step in (lambda: check_config(cfg), lambda: check_camera(cfg, timeout), lambda: check_clock(cfg),
                  lambda: check_broker(cfg, timeout, now), lambda: check_certificates(cfg, now), lambda: check_disk(cfg),
+                 lambda: check_retention(cfg), lambda: check_state(cfg, now),
                  lambda: check_permissions(cfg, config_file), lambda: check_trust(cfg, now),
                  lambda: check_consent(cfg, now), lambda: check_service(cfg)):
         try:

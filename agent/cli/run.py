@@ -70,6 +70,8 @@ def status_lines(data: dict[str, Any]) -> list[str]:
         pct = 100.0 * dropped / captured if captured else 0.0
         out.append(f"  Frame rate: {st['fps']:.1f} fps; frames captured {captured}, dropped {dropped} ({pct:.2f}%); "
                    f"reconnects {st['reconnects']}")
+        if st.get("disk_full"):
+            out.append(f"  {st['disk_full']}. Free some space on the disk that holds the footage.")
         if st.get("last_error"):
             out.append(f"  Last problem: {st['last_error']} at {_local_us(st['last_error_us'])}")
     if buf["segments"] == 0:
@@ -101,8 +103,12 @@ def sharing_lines(data: dict[str, Any]) -> list[str]:
     """``sharing_status`` in plain words for the homeowner."""
     out = []
     if not data["enabled"]:
-        return ["Sharing: OFF (no [policy] and [mqtt] in the configuration): footage never leaves this device."]
+        refused = (data.get("state") or {}).get("refused") or {}
+        return ["Sharing: OFF (no [policy] and [mqtt] in the configuration): footage never leaves this device.",
+                *(f"  WARNING: {why}." for why in refused.values())]
     blockers = []
+    if data.get("not_sharing"):  # damaged or lost state, or a listener that is not running (runtime/status.py)
+        blockers.append(data["not_sharing"])
     if data["kill_switch"]["engaged"]:
         blockers.append(f"the kill switch is ON ({data['kill_switch']['reason']})")
     if not data["clock"]["synced"]:

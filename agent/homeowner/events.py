@@ -381,6 +381,8 @@ def _why_not(s: dict[str, Any]) -> str | None:
     """Why :func:`~agent.runtime.status.sharing_status` says sharing cannot happen now, or None if it can."""
     if not s.get("enabled"):
         return "sharing is not set up ([policy] and [mqtt] in the configuration)"
+    if s.get("not_sharing"):  # damaged or lost state, or run's request listener is down (agent/runtime/status.py)
+        return str(s["not_sharing"])
     if s["kill_switch"]["engaged"]:
         return f"the kill switch is on ({s['kill_switch']['reason']})"
     if not s["clock"]["synced"]:

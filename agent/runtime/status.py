@@ -79,8 +79,10 @@ def human_duration(seconds: float) -> str:
 def sharing_status(cfg: AgentConfig, now: datetime | None = None) -> dict[str, Any]:
     """What ``status`` shows about sharing: read from disk, so it works while ``run`` is in another process."""
     from agent.protocol.trust import TrustStoreError
+    from agent.runtime.supervisor import recorder_running
     from agent.state.approvals import ApprovalQueue
     from agent.state.clock import SystemClock
+    from agent.state.integrity import STATE_DB
     from agent.state.killswitch import KillSwitch
     from agent.state.pin import device_identity
     from agent.state.truststore import load_trust_store
@@ -99,10 +101,16 @@ def sharing_status(cfg: AgentConfig, now: datetime | None = None) -> dict[str, A
         out["trust"] = {"keys": 0, "usable": 0, "error": str(exc)}
     if cfg.policy is not None:
         out["consent"] = consent_status(cfg, now)
-    if cfg.paths.state_db.exists():
-        out["pending_approvals"] = len(ApprovalQueue(cfg.paths.state_db).pending(now))
-    else:
-        out["pending_approvals"] = 0
+    # What `run` checks at start (agent/state/integrity.py), checked again read-only: damaged or lost state
+    # means `run` shares nothing, and the resident must hear it here, not only in the journal.
+    refused = state_refusals(cfg)  # also without [mqtt]: a damaged access log is worth knowing about
+    out["state"] = {"ok": not refused, "refused": refused}
+    out["pending_approvals"] = 0
+    if cfg.paths.state_db.exists() and STATE_DB not in refused:
+        try:
+            out["pending_approvals"] = len(ApprovalQueue(cfg.paths.state_db).pending(now))
+        except Exception:  # noqa: BLE001 - sqlite3.Error, StateCorrupt, OSError: `status` still answers
+            pass
     if cfg.mqtt is not None:
         out["broker"] = {"host": cfg.mqtt.host, "port": cfg.mqtt.port, "tls": cfg.mqtt.tls}
     svc = read_status(cfg.paths.service_status_file)
@@ -111,10 +119,56 @@ def sharing_status(cfg: AgentConfig, now: datetime | None = None) -> dict[str, A
         svc["stale"] = age > 3 * float(svc.get("status_interval_s") or 5.0)
         svc["age_s"] = round(age, 1)
     out["service"] = svc
-    out["log"] = log_counts(cfg, now)
+    out["run_running"] = recorder_running(cfg)  # `run` holds the recorder's lock while it is up
+    out["not_sharing"] = not_sharing_reason(out)
+    if STATE_DB in refused:  # the reason is said once (not_sharing); the log is not opened again
+        out["log"] = {"hours": COUNT_HOURS, "error": "state.sqlite is damaged or lost; see above"}
+    else:
+        out["log"] = log_counts(cfg, now)
     # The device key's pinned thumbprint (agent.state.pin): the homeowner notes it; log verify checks against it.
     out["device_key"] = device_identity(cfg.paths.data_dir, cfg.paths.device_key_file).to_json()
     return out
+
+
+def state_refusals(cfg: AgentConfig) -> dict[str, str]:
+    """Why ``run`` refuses (or would refuse) to share on the state under data_dir, file name -> why; read-only.
+
+    The check ``run`` makes at start (:func:`agent.state.integrity.sharing_refusals`), without its writes.
+    Never raises: a check that cannot run is itself a reason (fail closed).
+    """
+    from agent.state.integrity import sharing_refusals
+
+    try:
+        return sharing_refusals(cfg.paths.data_dir, read_only=True)
+    except Exception as exc:  # noqa: BLE001 - an OSError on data_dir, for one
+        return {"data_dir": f"the agent's state in {cfg.paths.data_dir} cannot be checked ({type(exc).__name__}: {exc})"}
+
+
+RESTART = "then restart the agent (sudo systemctl restart doorbell-agent)"
+
+
+def not_sharing_reason(s: dict[str, Any]) -> str | None:
+    """Why ``run`` is not sharing although the configuration asks it to, with what to do; None if nothing stands in the way here.
+
+    Two things: the state check (``s["state"]``: damaged or lost state, which ``run`` refuses to share on),
+    and, while ``run`` is up, a request listener that is not running at all (``s["service"]``). The other
+    blockers (kill switch, clock, trust, consent) have their own fields.
+    """
+    if not s.get("enabled"):
+        return None
+    refused = (s.get("state") or {}).get("refused") or {}
+    if refused:
+        return "; and ".join(refused.values())
+    if not s.get("run_running"):
+        return None  # the agent is not running: `status` says so on its own line
+    svc = s.get("service")
+    if svc is None or svc.get("stopped"):
+        return ("'doorbell-agent run' is running but its request listener is not: it refused to start or stopped "
+                "(see why with: journalctl -u doorbell-agent -n 50); fix what it says, " + RESTART)
+    if svc.get("stale"):
+        return (f"the request listener of 'doorbell-agent run' has not reported for {svc['age_s']:.0f} s: it may be "
+                "stuck (see: journalctl -u doorbell-agent -n 50); " + RESTART)
+    return None
 
 
 COUNT_HOURS = 24
@@ -291,3 +345,95 @@ def describe_consent(cfg: AgentConfig, now: datetime) -> list[str]:
         out.append(f"Set with 'doorbell-agent consent' (in {cfg.paths.consent_file}), in place of the configuration "
                    f"file's values: {', '.join(st['overridden'])}.")
     return out
+
+
+# -- does buffer.max_bytes hold buffer.retention_hours? ------------------------------------------------------
+
+# Bits per pixel per frame that libx264 spends at the agent's settings (hardware/README.md, "Storage"): a clean,
+# still picture (0.58 Mbit/s at 1280x720, 15 fps) and a detailed moving one with sensor noise (4.2 Mbit/s).
+QUIET_BITS_PER_PIXEL = 0.58e6 / (1280 * 720 * 15)
+BUSY_BITS_PER_PIXEL = 4.2e6 / (1280 * 720 * 15)
+RECENT_HOURS = 6.0  # the footage the measured rate is taken from: the camera and scene as they are now
+MIN_MEASURED_S = 600.0  # less than this much recent footage is too little to go by
+
+
+def recorded_bytes_per_hour(cfg: AgentConfig, now_us: int | None = None) -> float | None:
+    """What the recorder actually stored per hour of footage over the last :data:`RECENT_HOURS`, or None.
+
+    Read from buffer.sqlite (segment sizes and durations) read-only: callers (``doctor``, ``config check``)
+    must not create or upgrade the index a recorder may be writing.
+    """
+    import sqlite3
+
+    path = cfg.paths.buffer_db
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    now_us = now_us if now_us is not None else time.time_ns() // 1000
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+        try:
+            row = conn.execute("SELECT COALESCE(SUM(bytes), 0), COALESCE(SUM(end_us - start_us), 0) FROM segments "
+                               "WHERE end_us > ?", (now_us - int(RECENT_HOURS * 3600e6),)).fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None  # an estimate only; a damaged index is reported (and rebuilt) elsewhere
+    total, dur_us = int(row[0]), int(row[1])
+    if dur_us < MIN_MEASURED_S * 1e6 or total <= 0:
+        return None
+    return total / (dur_us / 3600e6)
+
+
+def estimated_bytes_per_hour(cfg: AgentConfig) -> tuple[float, float]:
+    """Bytes per hour of footage for this camera setting before anything was recorded: (quiet scene, busy scene)."""
+    cam = cfg.camera
+    pixel_rate = cam.width * cam.height * cam.fps
+    mbit = 1e6 / 8 * 3600  # bytes per hour at 1 Mbit/s
+    if cam.source == "rtsp":  # stored as the camera sends it, at the bitrate set in its app
+        return 1.0 * mbit, 4.0 * mbit
+    if cam.source == "picamera2":  # the hardware encoder's fixed bitrate: 1.33 Mbit/s at 720p15, scaled
+        rate = 1.33 * mbit * pixel_rate / (1280 * 720 * 15)
+        return rate, rate
+    if cam.encoder == "h264_v4l2m2m":
+        return 4.0 * mbit, 4.0 * mbit
+    return QUIET_BITS_PER_PIXEL * pixel_rate / 8 * 3600, BUSY_BITS_PER_PIXEL * pixel_rate / 8 * 3600
+
+
+def retention_warning(cfg: AgentConfig, now_us: int | None = None) -> str | None:
+    """A sentence when buffer.max_bytes cannot (or may not) hold buffer.retention_hours of footage, else None.
+
+    The recorder deletes the oldest footage at whichever limit comes first, so a too small max_bytes silently
+    shortens the hours kept. Uses the rate measured from recent footage when there is enough, else an estimate
+    for the configured resolution and frame rate.
+    """
+    b, cam = cfg.buffer, cfg.camera
+    want = b.retention_hours
+    size = f"buffer.max_bytes ({human_bytes(b.max_bytes)})"
+    measured = recorded_bytes_per_hour(cfg, now_us)
+    if measured is not None:
+        hours = b.max_bytes / measured
+        if hours >= want:
+            return None
+        return (f"{size} holds only about {hours:.1f} hours of footage at the rate this camera recorded lately "
+                f"({human_bytes(measured)} per hour), not the {want:g} hours of buffer.retention_hours: the oldest footage "
+                f"is deleted sooner. Set buffer.max_bytes to {_bytes_setting(measured * want)} (if the disk has room; "
+                f"'doorbell-agent doctor' checks), or buffer.retention_hours to {max(hours, 0.1):.1f} or less")
+    quiet, busy = estimated_bytes_per_hour(cfg)
+    most, least = b.max_bytes / quiet, b.max_bytes / busy
+    setting = f"{cam.width}x{cam.height} at {cam.fps} fps"
+    if least >= want:
+        return None
+    span = f"about {most:.1f} hours" if abs(most - least) < 0.05 else f"between {least:.1f} and {most:.1f} hours"
+    verdict = "cannot hold" if most < want else "may not hold"
+    return (f"{size} {verdict} the {want:g} hours of buffer.retention_hours: at {setting} it holds {span} of footage "
+            f"({'estimated from a still to a busy picture' if most != least else 'estimated for this camera'}; "
+            f"too little recent footage to measure). Set buffer.max_bytes to {_bytes_setting(quiet * want)}"
+            f"{'' if most == least else ' (still) to ' + _bytes_setting(busy * want) + ' (busy)'} if the disk has room, "
+            "or lower buffer.retention_hours; after a few hours of recording "
+            "'doorbell-agent doctor' measures the real rate")
+
+
+def _bytes_setting(n: float) -> str:
+    """A buffer.max_bytes value to suggest: 10% above ``n``, as the key takes it (bytes) and in words."""
+    value = int(n * 1.1)
+    return f"{value} ({human_bytes(value)})"

@@ -45,7 +45,7 @@ from typing import Any, Literal
 
 from agent.buffer.segments import SegmentStore
 from agent.config import AgentConfig, PolicyConfig
-from agent.fsutil import write_json_atomic
+from agent.fsutil import is_disk_full, write_json_atomic
 from agent.protocol.decision import BEFORE_REPLAY_REASONS, Decision, Policy, Reason, decide
 from agent.protocol.geohash import subscription_filter
 from agent.protocol.sealing import new_delivery_id
@@ -492,10 +492,15 @@ class RequestService:
                 decision = None
                 try:
                     decision = self.handle(msg.payload)
-                except Exception:  # a bug or a full disk must not stop the agent from hearing the next request
+                except Exception as exc:  # a bug or a full disk must not stop the agent from hearing the next request
                     self.counters.handler_errors += 1
-                    log.exception("error while handling a request; nothing was shared, it stays in the inbox "
-                                  "and is decided again at the next start")
+                    if is_disk_full(exc):
+                        log.error("THE DISK IS FULL: a request could not be written to the access log or the replay "
+                                  "memory (%s), so nothing was shared; it stays in the inbox and is decided again "
+                                  "at the next start. Free some space on the disk.", exc)
+                    else:
+                        log.exception("error while handling a request; nothing was shared, it stays in the inbox "
+                                      "and is decided again at the next start")
                 else:
                     self.transport.ack(msg)  # only once the outcome is on disk: the inbox may forget it
                 if self.on_decision:

@@ -55,6 +55,20 @@ def _probe(path: Path) -> None:
         conn.close()
 
 
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """Open ``path`` for reading only: ``status``, the page and the LED look, they never write or upgrade."""
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0, isolation_level=None, check_same_thread=False)
+
+
+def _probe_read_only(path: Path) -> None:
+    """:func:`_probe` without writing: :class:`StateCorrupt` if damaged, ``sqlite3.Error`` if it cannot be read."""
+    conn = _connect_read_only(path)
+    try:
+        check_integrity(conn, path)
+    finally:
+        conn.close()
+
+
 class StateLost(UserError):
     """The agent ran before, and its access log and replay memory are gone: nothing is shared."""
 
@@ -67,8 +81,8 @@ def lost_message(path: Path, pin: Path, found: str) -> str:
             f"move {pin} aside as well, then start the agent again")
 
 
-def _has_checkpoint(path: Path) -> bool:
-    conn = connect(path)
+def _has_checkpoint(path: Path, *, read_only: bool = False) -> bool:
+    conn = _connect_read_only(path) if read_only else connect(path)
     try:
         row = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'access_log_checkpoints'").fetchone()
         return row is not None and conn.execute("SELECT 1 FROM access_log_checkpoints LIMIT 1").fetchone() is not None
@@ -87,23 +101,26 @@ def set_aside(path: Path, now: datetime | None = None) -> Path:
     return target
 
 
-def check_data_dir(data_dir: Path, *, sharing: bool = True, buffer: bool = True) -> StateCheck:
-    """Check every database under ``data_dir`` (see the module's doc); never raises for a damaged file.
+def sharing_refusals(data_dir: Path, *, read_only: bool = False) -> dict[str, str]:
+    """Why sharing must not start on the state under ``data_dir``: file name -> the reason, for the resident.
 
-    ``sharing=False`` (a recording-only configuration) checks the buffer index only: what sharing needs
-    is not used, and recording alone loads nothing of the sharing side (tests/test_imports.py).
-    ``buffer=False`` leaves the buffer index alone: another process is recording into it.
+    The state half of :func:`check_data_dir`. ``read_only=True`` (``status``, ``doctor``, the local page,
+    the LED) opens nothing for writing; a file it cannot read at all (another user's, locked) is
+    reported as unknown, which also means no sharing as far as the resident is told.
     """
     data_dir = Path(data_dir)
-    out = StateCheck()
-    for name in (STATE_DB, INBOX_DB) if sharing else ():
+    probe = _probe_read_only if read_only else _probe
+    refused: dict[str, str] = {}
+    for name in (STATE_DB, INBOX_DB):
         path = data_dir / name
         if path.exists() and path.stat().st_size > 0:
             try:
-                _probe(path)
+                probe(path)
             except StateCorrupt as exc:
-                out.refused[name] = str(exc)
-    if sharing and STATE_DB not in out.refused:
+                refused[name] = str(exc)
+            except sqlite3.Error as exc:  # not damage (connect() turns that into StateCorrupt): unreadable, locked
+                refused[name] = f"{path} cannot be checked ({exc}), so whether it is intact is unknown"
+    if STATE_DB not in refused:
         from agent.state.pin import PinError, pin_path, read_pin  # the pin module loads cryptography
 
         state, pin = data_dir / STATE_DB, pin_path(data_dir)
@@ -113,15 +130,29 @@ def check_data_dir(data_dir: Path, *, sharing: bool = True, buffer: bool = True)
             pinned = True  # a damaged pin is still a sign of an earlier run; the service refuses it by itself
         if pinned:
             if not state.exists():
-                out.refused[STATE_DB] = lost_message(state, pin, "is missing")
+                refused[STATE_DB] = lost_message(state, pin, "is missing")
             elif state.stat().st_size == 0:
-                out.refused[STATE_DB] = lost_message(state, pin, "is empty")
+                refused[STATE_DB] = lost_message(state, pin, "is empty")
             else:
                 try:
-                    if not _has_checkpoint(state):
-                        out.refused[STATE_DB] = lost_message(state, pin, "holds no signed checkpoint")
+                    if not _has_checkpoint(state, read_only=read_only):
+                        refused[STATE_DB] = lost_message(state, pin, "holds no signed checkpoint")
                 except sqlite3.DatabaseError as exc:
-                    out.refused[STATE_DB] = str(StateCorrupt(state, str(exc)))
+                    refused[STATE_DB] = str(StateCorrupt(state, str(exc)))
+    return refused
+
+
+def check_data_dir(data_dir: Path, *, sharing: bool = True, buffer: bool = True) -> StateCheck:
+    """Check every database under ``data_dir`` (see the module's doc); never raises for a damaged file.
+
+    ``sharing=False`` (a recording-only configuration) checks the buffer index only: what sharing needs
+    is not used, and recording alone loads nothing of the sharing side (tests/test_imports.py).
+    ``buffer=False`` leaves the buffer index alone: another process is recording into it.
+    """
+    data_dir = Path(data_dir)
+    out = StateCheck()
+    if sharing:
+        out.refused.update(sharing_refusals(data_dir))
     index = data_dir / BUFFER_DB
     if buffer and index.exists() and index.stat().st_size > 0:
         try:

@@ -14,7 +14,6 @@ Rules every route follows:
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import shutil
@@ -30,7 +29,7 @@ from urllib.parse import urlsplit
 from flask import Flask, Response, abort, g, redirect, render_template, request, send_file, url_for
 from werkzeug.wrappers import Response as BaseResponse
 
-from agent.config import AgentConfig
+from agent.config import AgentConfig, is_loopback_host
 from agent.display import safe_text
 from agent.errors import UserError
 from agent.web import views
@@ -75,13 +74,7 @@ def _client() -> str:
 
 
 def _host_is_loopback(host_header: str) -> bool:
-    host = urlsplit(f"//{host_header}").hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(urlsplit(f"//{host_header}").hostname or "")
 
 
 def _same_origin() -> bool:
@@ -236,7 +229,10 @@ def create_app(cfg: AgentConfig, *, clock: Callable[[], float] = time.monotonic)
 
     @app.get("/shared/<int:seq>")
     def shared(seq: int) -> BaseResponse:
-        entry, window, same = views.delivered_entry(state.cfg, seq)
+        try:
+            entry, window, same = views.delivered_entry(state.cfg, seq)
+        except UserError as exc:  # a damaged access log (StateCorrupt): the sentence with the fix, not a 500
+            return _refuse(503, "The access log cannot be read", str(exc))
         if entry is None:
             abort(404)
         from agent.state.logtext import entry_lines  # loads the log's crypto: only when a page needs it
@@ -250,7 +246,10 @@ def create_app(cfg: AgentConfig, *, clock: Callable[[], float] = time.monotonic)
 
     @app.get("/shared/<int:seq>.mp4")
     def shared_video(seq: int) -> BaseResponse:
-        entry, window, _ = views.delivered_entry(state.cfg, seq)
+        try:
+            entry, window, _ = views.delivered_entry(state.cfg, seq)
+        except UserError as exc:
+            return _refuse(503, "The access log cannot be read", str(exc))
         if entry is None or window is None:
             abort(404)
         path = state.clips_dir / f"{seq}.mp4"

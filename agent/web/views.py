@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 from agent.config import AgentConfig
 from agent.display import safe_text
 from agent.errors import UserError
-from agent.timeutil import format_local, parse_utc_z, to_us
+from agent.timeutil import duration_words, format_local, parse_utc_z, to_us
 
 log = logging.getLogger("agent.web")
 
@@ -45,17 +45,6 @@ def _local_z(text: str | None, tz: tzinfo) -> str:
         return format_local(parse_utc_z(text), tz)
     except ValueError:
         return safe_text(text)
-
-
-def duration_words(seconds: float) -> str:
-    seconds = max(0, round(seconds))
-    if seconds < 60:
-        return f"{seconds} second{'s' if seconds != 1 else ''}"
-    minutes = round(seconds / 60)
-    if minutes < 120:
-        return f"{minutes} minute{'s' if minutes != 1 else ''}"
-    hours, rest = divmod(minutes, 60)
-    return f"{hours} h {rest} min" if rest else f"{hours} hours"
 
 
 # -- the overview ----------------------------------------------------------------------------

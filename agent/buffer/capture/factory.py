@@ -26,13 +26,11 @@ def make_source(camera: CameraConfig, *, realtime: bool = True) -> Source:
         return V4L2Source(camera.device, camera.width, camera.height, camera.fps)
     if camera.source in ("rtsp", "file"):
         from agent.buffer.capture.stream import StreamSource
-        from agent.display import redact_url
 
+        # CameraConfig has checked the address (an rtsp:// one for an RTSP camera), so `config check` catches it too.
         if not camera.url:
             raise UserError(f"camera.source = {camera.source!r} needs camera.url (an rtsp:// address or a file path)")
         live = camera.source == "rtsp"
-        if live and not camera.url.lower().startswith(("rtsp://", "rtsps://")):
-            raise UserError(f"camera.url for an RTSP camera must start with rtsp://, got {redact_url(camera.url)!r}")
         return StreamSource(camera.url, live=live, raw=raw, realtime=realtime or live, start_at="now")
     if camera.source == "picamera2":
         from agent.buffer.capture.picamera2 import (

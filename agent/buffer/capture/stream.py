@@ -28,7 +28,8 @@ Choices, and why:
   is left for later.
 - **Capture time for files** is a chosen start time (``now`` by default, or
   the file's ``creation_time`` tag) plus the packet's pts distance from the
-  first packet. ``realtime=True`` paces the file like a live camera;
+  first packet (a raw ``.h264`` file has no pts: each frame follows the one before by its
+  duration). ``realtime=True`` paces the file like a live camera;
   ``realtime=False`` reads as fast as possible (tests, importing footage).
 - End of stream: a file raises :class:`SourceEnded`; an RTSP stream that ends
   or drops raises :class:`SourceUnavailable`, and the recorder reconnects.
@@ -137,6 +138,7 @@ class StreamSource:
         self._pending: deque[Frame] = deque()
         self._stream_clock = StreamClock()
         self._first_pts_us: int | None = None
+        self._next_pts_us: int | None = None
         self._file_start_us = 0
         self._opened_wall_us = 0
         self._flushed = False
@@ -173,6 +175,10 @@ class StreamSource:
         self.codec = ctx.name
         self.width, self.height = ctx.width, ctx.height
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        if container.format.name in ("h264", "hevc") and stream.guessed_rate:
+            # A raw elementary stream has no container rate: FFmpeg's average_rate is its 25 fps
+            # default, while guessed_rate comes from the stream's own timing (VUI) when it has any.
+            rate = stream.guessed_rate
         self.fps = float(rate) if rate else 0.0
         if self.want_raw:
             self.kind, self.decode_reason = "raw", "privacy mask"
@@ -189,6 +195,7 @@ class StreamSource:
         self._pending.clear()
         self._stream_clock = StreamClock()
         self._first_pts_us = None
+        self._next_pts_us = None
         self._flushed = False
         self._opened_wall_us = self._clock_us()
         self._file_start_us = self._resolve_start(container)
@@ -203,7 +210,7 @@ class StreamSource:
             if pkt.size == 0:
                 continue
             pts_us = self._pts_us(pkt.pts if pkt.pts is not None else pkt.dts)
-            capture_us = self._capture_us(pts_us)
+            capture_us = self._capture_us(pts_us, self._pts_us(pkt.duration or None))
             return EncodedPacket(capture_us, pkt, bool(pkt.is_keyframe))
 
     def close(self) -> None:
@@ -274,11 +281,15 @@ class StreamSource:
         tb = self._stream.time_base or Fraction(1, 90_000)
         return pts * tb.numerator * 1_000_000 // tb.denominator
 
-    def _capture_us(self, pts_us: int | None) -> int:
+    def _capture_us(self, pts_us: int | None, duration_us: int | None = None) -> int:
         if self.live:
             return self._stream_clock.capture_us(pts_us, self._clock_us())
         if pts_us is None:
-            pts_us = self._first_pts_us or 0
+            # A raw H.264 file (Annex B) carries no timestamps: each frame follows the one before
+            # by its duration (or one frame at the stream's rate). Giving them all the first time
+            # would make the recorder drop every frame after the first as a clock step back.
+            pts_us = self._next_pts_us if self._next_pts_us is not None else 0
+        self._next_pts_us = pts_us + (duration_us or (round(1_000_000 / self.fps) if self.fps else 40_000))
         if self._first_pts_us is None:
             self._first_pts_us = pts_us
         offset = pts_us - self._first_pts_us
@@ -330,6 +341,8 @@ def _explain_open_error(exc: BaseException, where: str, live: bool, timeout_s: f
     if live and isinstance(exc, av.error.InvalidDataError):
         return (f"no RTSP answer from {where} within {timeout_s:g} s, or what answers there is not an "
                 f"RTSP camera: check the address and port in camera.url")
+    if isinstance(exc, av.error.InvalidDataError):
+        return f"{where} is not a video file that can be read (damaged, or not video at all); check camera.url"
     if isinstance(exc, FileNotFoundError):
         what = "no stream at that path on the camera" if live else "the file does not exist"
         return f"{where}: {what}; check camera.url"
