@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import queue
+import secrets
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -92,7 +93,9 @@ def make_env(tmp_path: Path, write_config, broker: Broker) -> Env:  # noqa: ANN0
     """The ``env`` fixture's body, for other test modules' own ``env`` fixtures."""
     now = datetime.now(UTC).replace(microsecond=0)
     cfg = load_config(write_config(_policy_toml()))
-    client_id = f"agent-under-test-{tmp_path.name[-8:]}"
+    # Unique per environment: a persistent session left by another test with a like-named tmp_path (pytest cuts
+    # names to 30 characters) would otherwise hand this agent that test's queued requests.
+    client_id = f"agent-under-test-{secrets.token_hex(6)}"
     cfg = cfg.model_copy(update={"mqtt": broker.mqtt_config("agent", precision=4, client_id=client_id)})
     keys = keygen(iss="jackson-pd", kid="jpd-test", out_dir=tmp_path / "city")
     save_trust_store(TrustStore.from_jwks(keys.public_jwks), cfg.paths.trust_file)
