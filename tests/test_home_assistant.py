@@ -26,6 +26,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.config import AgentConfig, ClockConfig, HomeAssistantConfig, load_config
 from agent.homeowner import HomeownerComponent, start_homeowner
@@ -102,7 +103,10 @@ class HomeAssistantSide:
         c.on_message = lambda _c, _u, m: self.messages.put(m)
         c.connect("127.0.0.1", hb.port, keepalive=10, clean_start=True)
         c.loop_start()
-        c.subscribe([(f"{PREFIX}/#", 1), (f"{NODE}/#", 1)])
+        # Retain As Published (MQTT 5): the retain flag is kept on messages that arrive live as well, not only on
+        # those the broker replays at subscription; the agent may publish discovery before or after this subscribes.
+        keep = SubscribeOptions(qos=1, retainAsPublished=True)
+        c.subscribe([(f"{PREFIX}/#", keep), (f"{NODE}/#", keep)])
         self.client = c
 
     def wait(self, topic: str, pred: Callable[[mqtt.MQTTMessage], bool] = lambda m: True,
