@@ -106,14 +106,9 @@ def last_request_attributes(event: HomeEvent | None) -> dict[str, Any]:
 
 def tls_context(ha: HomeAssistantConfig) -> ssl.SSLContext:
     """Verified TLS to the homeowner's broker, the CA from home_assistant.ca_file or the system store."""
-    if ha.ca_file is not None and not ha.ca_file.is_file():
-        raise UserError(f"home_assistant.ca_file = {str(ha.ca_file)!r} is not a readable file; fix the path or remove the key")
-    try:
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ha.ca_file) if ha.ca_file else None)
-    except (ssl.SSLError, OSError) as exc:
-        raise UserError(f"home_assistant.ca_file = {str(ha.ca_file)!r} is not a PEM CA certificate ({exc})") from None
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx
+    from agent.sharing.transport import verified_tls_context  # the one place client TLS is set up
+
+    return verified_tls_context("home_assistant", ca_file=ha.ca_file)
 
 
 class HomeAssistantLink:

@@ -409,23 +409,32 @@ def describe_connect_error(exc: BaseException | None, cfg: MqttConfig) -> str:
 
 def tls_context(cfg: MqttConfig) -> ssl.SSLContext:
     """Chain and host-name verification always on; the CA from mqtt.ca_file or the system store."""
-    for name in ("ca_file", "cert_file", "key_file"):
-        path = getattr(cfg, name)
+    return verified_tls_context("mqtt", ca_file=cfg.ca_file, cert_file=cfg.cert_file, key_file=cfg.key_file)
+
+
+def verified_tls_context(section: str, *, ca_file: Path | None, cert_file: Path | None = None,
+                         key_file: Path | None = None) -> ssl.SSLContext:
+    """A client TLS context that always verifies the chain and the host name (TLS 1.2 or later).
+
+    Every broker the agent talks to (the agency's, the homeowner's Home Assistant) goes through here;
+    ``section`` names the configuration keys in the errors (``mqtt.ca_file``, ``home_assistant.ca_file``).
+    """
+    for name, path in (("ca_file", ca_file), ("cert_file", cert_file), ("key_file", key_file)):
         if path is not None and not path.is_file():
-            raise UserError(f"mqtt.{name} = {str(path)!r} is not a readable file; fix the path or remove the key")
+            raise UserError(f"{section}.{name} = {str(path)!r} is not a readable file; fix the path or remove the key")
     try:
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cfg.ca_file) if cfg.ca_file else None)
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file) if ca_file else None)
     except (ssl.SSLError, OSError) as exc:
-        raise UserError(f"mqtt.ca_file = {str(cfg.ca_file)!r} is not a PEM CA certificate ({exc})") from None
+        raise UserError(f"{section}.ca_file = {str(ca_file)!r} is not a PEM CA certificate ({exc})") from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED
-    if cfg.cert_file is not None and cfg.key_file is not None:
+    if cert_file is not None and key_file is not None:
         try:
-            ctx.load_cert_chain(str(cfg.cert_file), str(cfg.key_file))
+            ctx.load_cert_chain(str(cert_file), str(key_file))
         except (ssl.SSLError, OSError) as exc:
             raise UserError(
-                f"mqtt.cert_file/mqtt.key_file cannot be used as a client certificate ({exc}); "
+                f"{section}.cert_file/{section}.key_file cannot be used as a client certificate ({exc}); "
                 "give a PEM certificate and its unencrypted PEM key"
             ) from None
     return ctx
